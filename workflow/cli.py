@@ -1,0 +1,77 @@
+"""The `pipelora-k8s` entry point.
+
+Commands of the other parts (dataprep, train, init-model) are registered by module path and
+imported only when run, so `pipelora-k8s status` does not pay for importing torch, and
+`workflow` does not depend on the trainer's code (DESIGN.md, dependency direction).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import click
+
+from pipelora import __version__
+from pipelora.cli_common import echo_spec, run_cli, spec_options
+from pipelora.config import JobSpec, json_schema
+
+# name → "module:attribute" of a click command; imported on first use.
+LAZY_COMMANDS: dict[str, str] = {}
+
+
+class LazyGroup(click.Group):
+    """A click group whose heavy subcommands are imported only when invoked (or listed in help)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pipelora-k8s")
+def cli() -> None:
+    """Pipeline-parallel LoRA fine-tuning with DeepSpeed, on Kubernetes or on this machine.
+
+    \b
+    Example:
+      pipelora-k8s validate --config job.yaml --stages 8 --nodes 2
+      pipelora-k8s submit --config job.yaml --stages 8 --nodes 2
+    """
+
+
+@cli.command()
+@spec_options
+def validate(spec: JobSpec) -> None:
+    """Check a job spec and print it resolved (file, then flags); every problem is listed.
+
+    \b
+    Example:
+      pipelora-k8s validate --config examples/mistral-7b-alpaca.yaml --stages 8 --nodes 2
+    """
+    echo_spec(spec)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the job spec's JSON schema (for editor completion and checks).
+
+    \b
+    Example:
+      pipelora-k8s schema > job.schema.json
+      # then in job.yaml:  # yaml-language-server: $schema=job.schema.json
+    """
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(cli, argv)
+
+
+if __name__ == "__main__":
+    main()
