@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pipelora.errors import PipeloraError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelora.errors import PipeloraError
 
 # A release name becomes pod names such as `<name>-dataprep-<5 chars>` and
 # `<name>-worker-<index>`, and `job-name` labels (63 chars at most). 40 leaves room for all.
@@ -199,6 +200,22 @@ class ClusterSpec(_Section):
     values: dict[str, Any] = Field(default_factory=dict, description="Extra Helm values, merged last.")
 
 
+def parallel_problems(p: ParallelSpec) -> list[str]:
+    """Cross-field rules of the parallel section, each as one sentence with the fix."""
+    problems = []
+    if p.world_size % p.stages:
+        problems.append(
+            f"parallel: nodes x gpus_per_node = {p.nodes} x {p.gpus_per_node} = {p.world_size} ranks "
+            f"cannot be split into {p.stages} stages; make it a multiple of parallel.stages"
+        )
+    if p.micro_batches < p.stages:
+        problems.append(
+            f"parallel.micro_batches ({p.micro_batches}) is below parallel.stages ({p.stages}): "
+            f"some stages would idle every step; set micro_batches >= {p.stages}"
+        )
+    return problems
+
+
 class JobSpec(_Section):
     name: str = Field(description="DNS-1035 label: the Helm release and the run folder.")
     storage: StorageSpec
@@ -226,17 +243,9 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _parallel_rules(self) -> JobSpec:
-        p = self.parallel
-        if p.world_size % p.stages:
-            raise ValueError(
-                f"parallel: nodes x gpus_per_node = {p.nodes} x {p.gpus_per_node} = {p.world_size} ranks "
-                f"cannot be split into {p.stages} stages; make it a multiple of parallel.stages"
-            )
-        if p.micro_batches < p.stages:
-            raise ValueError(
-                f"parallel.micro_batches ({p.micro_batches}) is below parallel.stages ({p.stages}): "
-                f"some stages would idle every step; set micro_batches >= {p.stages}"
-            )
+        problems = parallel_problems(self.parallel)
+        if problems:
+            raise ValueError(problems[0])
         return self
 
     # -- derived ----------------------------------------------------------------------------
@@ -323,7 +332,15 @@ def spec_from_dict(
     try:
         spec = JobSpec.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError([_format_error(e) for e in exc.errors()], source=source) from None
+        messages = [_format_error(e) for e in exc.errors()]
+        # Cross-field rules run only on a valid tree; report them too so one run lists every problem.
+        try:
+            parallel = ParallelSpec.model_validate(tree.get("parallel") or {})
+        except ValidationError:
+            parallel = None
+        if parallel is not None:
+            messages += [m for m in parallel_problems(parallel) if m not in messages]
+        raise ConfigError(messages, source=source) from None
     p = spec.parallel
     if p.micro_batches < 2 * p.stages:
         bubble = (p.stages - 1) / (p.micro_batches + p.stages - 1)

@@ -1,0 +1,206 @@
+"""Object storage: the same behaviour over a real moto S3 server and over local paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelora.storage import ObjectInfo, Storage, StorageError, join_uri, open_storage
+
+
+@pytest.fixture(params=["s3", "local", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Storage, str]:
+    """(storage, root URI) for each backend; tests use only URIs under the root."""
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("s3_bucket")
+        return open_storage("s3://x", endpoint_url=endpoint), f"s3://{bucket}/root"
+    if request.param == "file":
+        return open_storage("file:///"), f"file://{tmp_path}/root"
+    return open_storage(str(tmp_path)), str(tmp_path / "root")
+
+
+def test_bytes_round_trip_reports_size_and_sha(store: tuple[Storage, str]) -> None:
+    s, root = store
+    uri = join_uri(root, "a", "b.bin")
+    info = s.write_bytes(uri, b"hello world")
+    assert info == ObjectInfo(uri, 11, hashlib.sha256(b"hello world").hexdigest())
+    assert s.read_bytes(uri) == b"hello world"
+    assert s.exists(uri) and s.size(uri) == 11
+    assert not s.exists(join_uri(root, "a", "missing"))
+
+
+def test_ranged_read(store: tuple[Storage, str]) -> None:
+    s, root = store
+    uri = join_uri(root, "range.bin")
+    s.write_bytes(uri, bytes(range(256)))
+    assert s.read_range(uri, 10, 5) == bytes([10, 11, 12, 13, 14])
+    assert s.read_range(uri, 250, 100) == bytes(range(250, 256))
+    assert s.read_range(uri, 0, 0) == b""
+
+
+def test_listing_is_recursive_sorted_and_scoped_to_the_folder(store: tuple[Storage, str]) -> None:
+    s, root = store
+    for name in ["run/b.txt", "run/a/x.txt", "run/a/y.txt", "runner/z.txt"]:
+        s.write_bytes(join_uri(root, name), name.encode())
+    listed = s.list(join_uri(root, "run"))
+    assert [o.uri for o in listed] == [join_uri(root, n) for n in ["run/a/x.txt", "run/a/y.txt", "run/b.txt"]]
+    assert [o.size for o in listed] == [len("run/a/x.txt"), len("run/a/y.txt"), len("run/b.txt")]
+    assert s.list_dirs(join_uri(root, "run")) == ["a"]
+    assert s.list(join_uri(root, "nothing-here")) == []
+
+
+def test_delete_prefix_removes_only_that_folder(store: tuple[Storage, str]) -> None:
+    s, root = store
+    for name in ["ck/step-1/a", "ck/step-1/b", "ck/step-2/a"]:
+        s.write_bytes(join_uri(root, name), b"x")
+    assert s.delete_prefix(join_uri(root, "ck/step-1")) == 2
+    assert [o.uri for o in s.list(join_uri(root, "ck"))] == [join_uri(root, "ck/step-2/a")]
+
+
+def test_file_upload_and_download(store: tuple[Storage, str], tmp_path: Path) -> None:
+    s, root = store
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3000))
+    info = s.upload_file(src, join_uri(root, "up.bin"))
+    assert info.size == 3000 and info.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    dst = tmp_path / "out" / "dst.bin"
+    s.download_file(join_uri(root, "up.bin"), dst)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_commit_marker_records_sizes_and_sha_and_is_written_last(store: tuple[Storage, str]) -> None:
+    s, root = store
+    folder = join_uri(root, "checkpoints", "step-00000010")
+    objects = [s.write_bytes(join_uri(folder, f"stage-{i}.bin"), bytes([i]) * (i + 1)) for i in range(3)]
+    marker = join_uri(folder, "COMMITTED")
+    assert s.read_marker(marker) is None
+    written = s.commit(marker, objects, extra={"step": 10})
+    assert s.read_json(marker) == written
+    assert written["step"] == 10
+    assert written["files"] == {
+        f"stage-{i}.bin": {"size": i + 1, "sha256": hashlib.sha256(bytes([i]) * (i + 1)).hexdigest()} for i in range(3)
+    }
+    assert s.verify_committed(marker)["step"] == 10
+
+
+def test_commit_refuses_when_a_named_object_is_missing(store: tuple[Storage, str]) -> None:
+    s, root = store
+    folder = join_uri(root, "data")
+    present = s.write_bytes(join_uri(folder, "train-00000.safetensors"), b"abc")
+    ghost = ObjectInfo(join_uri(folder, "train-00001.safetensors"), 5, "0" * 64)
+    marker = join_uri(folder, "manifest.json")
+    with pytest.raises(StorageError, match="train-00001.safetensors is missing"):
+        s.commit(marker, [present, ghost])
+    assert not s.exists(marker)
+
+
+def test_commit_refuses_a_truncated_object(store: tuple[Storage, str]) -> None:
+    s, root = store
+    info = s.write_bytes(join_uri(root, "d", "x"), b"abcdef")
+    s.write_bytes(info.uri, b"abc")
+    with pytest.raises(StorageError, match="is 3 bytes, expected 6 bytes"):
+        s.commit(join_uri(root, "d", "COMMITTED"), [info])
+
+
+def test_verify_detects_a_modified_object(store: tuple[Storage, str]) -> None:
+    s, root = store
+    info = s.write_bytes(join_uri(root, "v", "x"), b"abcdef")
+    s.commit(join_uri(root, "v", "COMMITTED"), [info])
+    s.write_bytes(info.uri, b"abcdeF")
+    with pytest.raises(StorageError, match="does not match the sha256"):
+        s.verify_committed(join_uri(root, "v", "COMMITTED"))
+
+
+def test_json_helpers_and_invalid_json(store: tuple[Storage, str]) -> None:
+    s, root = store
+    s.write_json(join_uri(root, "p.json"), {"step": 3})
+    assert s.read_json(join_uri(root, "p.json")) == {"step": 3}
+    s.write_bytes(join_uri(root, "bad.json"), b"{nope")
+    with pytest.raises(StorageError, match="is not valid JSON"):
+        s.read_json(join_uri(root, "bad.json"))
+
+
+def test_reading_a_missing_object_names_it(store: tuple[Storage, str]) -> None:
+    s, root = store
+    uri = join_uri(root, "missing.bin")
+    with pytest.raises(StorageError) as info:
+        s.read_bytes(uri)
+    assert str(info.value) == f"{uri} does not exist"
+
+
+def test_multipart_upload_of_40_mb(s3_endpoint: str, s3_bucket: str, tmp_path: Path) -> None:
+    s = open_storage("s3://x", endpoint_url=s3_endpoint)
+    src = tmp_path / "big.bin"
+    payload = os.urandom(40 * 1024 * 1024)
+    src.write_bytes(payload)
+    uri = f"s3://{s3_bucket}/big/big.bin"
+    info = s.upload_file(src, uri)
+    assert info.size == len(payload) and s.size(uri) == len(payload)
+    # S3 marks multipart objects with an ETag of the form "<md5 of part md5s>-<parts>".
+    etag = s.client.head_object(Bucket=s3_bucket, Key="big/big.bin")["ETag"].strip('"')
+    assert etag.endswith("-3")
+    assert s.read_range(uri, 20 * 1024 * 1024, 16) == payload[20 * 1024 * 1024 : 20 * 1024 * 1024 + 16]
+    s.write_bytes(f"s3://{s3_bucket}/big/bytes.bin", payload)
+    assert hashlib.sha256(s.read_bytes(f"s3://{s3_bucket}/big/bytes.bin")).digest() == hashlib.sha256(payload).digest()
+
+
+def test_missing_bucket_is_one_sentence(s3_endpoint: str) -> None:
+    s = open_storage("s3://x", endpoint_url=s3_endpoint)
+    for action in (lambda: s.read_bytes("s3://no-such-bucket/a"), lambda: s.exists("s3://no-such-bucket/a"),
+                   lambda: s.write_bytes("s3://no-such-bucket/a", b"x")):
+        with pytest.raises(StorageError) as info:
+            action()
+        message = str(info.value)
+        assert "bucket 'no-such-bucket' does not exist" in message and "s3://no-such-bucket/a" in message
+        assert "\n" not in message
+
+
+def test_unreachable_endpoint_is_one_sentence() -> None:
+    from pipelora.storage import S3Storage
+
+    port = _closed_port()
+    s = S3Storage(endpoint_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(StorageError) as info:
+        s.read_bytes("s3://bucket/key")
+    assert str(info.value) == (
+        f"cannot read s3://bucket/key: S3 endpoint http://127.0.0.1:{port} is unreachable; "
+        "check storage.endpoint_url and the network"
+    )
+
+
+def test_access_denied_names_the_uri(s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto enforces bucket policies: an explicit Deny gives the real 403 AccessDenied."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                       "Resource": f"arn:aws:s3:::{s3_bucket}/*"}],
+    }
+    client.put_object(Bucket=s3_bucket, Key="secret", Body=b"x")
+    client.put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps(policy))
+    from pipelora.storage import S3Storage
+
+    s = S3Storage(endpoint_url=s3_endpoint)
+    try:
+        s.read_bytes(f"s3://{s3_bucket}/secret")
+    except StorageError as exc:
+        assert "access denied" in str(exc) and f"s3://{s3_bucket}/secret" in str(exc)
+    else:
+        pytest.skip("this moto version does not enforce bucket policies, so no 403 can be provoked")
+    finally:
+        client.delete_bucket_policy(Bucket=s3_bucket)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
