@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 STAMP := $(VENV)/.setup-done
+# apt needs root: use sudo where we are not root (GitHub runners), nothing where we are (CI containers).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test lint demo clean
 
@@ -28,7 +30,8 @@ $(BIN)/helm: | $(STAMP)
 
 .PHONY: openmpi
 openmpi:
-	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openmpi-bin libopenmpi-dev openssh-client
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openmpi-bin openssh-client
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
