@@ -39,8 +39,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The main job end to end on this machine: tiny model + generated dataset (made if absent), dataprep,
+# 2 pipeline stages on CPU with mpirun, adapter export, loss-curve PNG. Re-running starts training afresh.
 demo: setup
-	$(BIN)/pipelora-k8s run --config examples/local-tiny.yaml
+	OMP_NUM_THREADS=1 $(BIN)/pipelora-k8s run --config examples/local-tiny.yaml --fresh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

@@ -17,7 +17,24 @@ from pipelora.cli_common import echo_spec, run_cli, spec_options
 from pipelora.config import JobSpec, json_schema
 
 # name → "module:attribute" of a click command; imported on first use.
-LAZY_COMMANDS: dict[str, str] = {}
+LAZY_COMMANDS: dict[str, str] = {
+    "dataprep": "pipelora.dataprep.command:dataprep",
+    "make-dataset": "pipelora.dataprep.command:make_dataset",
+    "train": "pipelora.trainer.command:train",
+    "init-model": "pipelora.trainer.command:init_model",
+}
+# The cluster commands and the local runner (this package); kept light to import.
+WORKFLOW_COMMANDS: dict[str, str] = {
+    "submit": "pipelora.workflow.cluster_cli:submit",
+    "render": "pipelora.workflow.cluster_cli:render",
+    "status": "pipelora.workflow.cluster_cli:status",
+    "logs": "pipelora.workflow.cluster_cli:logs",
+    "delete": "pipelora.workflow.cluster_cli:delete",
+    "list": "pipelora.workflow.cluster_cli:list_jobs",
+    "wait-for-data": "pipelora.workflow.cluster_cli:wait_for_data_cmd",
+    "run": "pipelora.workflow.runner_cli:run",
+}
+LAZY_COMMANDS.update(WORKFLOW_COMMANDS)
 
 
 class LazyGroup(click.Group):

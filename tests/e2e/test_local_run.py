@@ -1,0 +1,109 @@
+"""End to end on this machine: `pipelora-k8s run` from nothing (tiny model and dataset made on the
+way) through dataprep and a 2-stage mpirun, leaving a committed adapter, checkpoint and loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from pipelora.config import load_spec
+from pipelora.storage import open_storage
+
+pytestmark = pytest.mark.slow
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """One run shared by the assertions below; returns (config, run folder, combined output)."""
+    root = tmp_path_factory.mktemp("local-run")
+    config = root / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "e2e-local",
+        "storage": {"uri": str(root / "runs")},
+        "model": {"uri": str(root / "models" / "tiny-mistral")},
+        "dataset": {"uri": str(root / "datasets" / "learnable.jsonl"), "seq_len": 64, "eval_fraction": 0.1},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "parallel": {"stages": 2, "nodes": 1, "gpus_per_node": 2, "micro_batch_size": 2, "micro_batches": 4},
+        "training": {"max_steps": STEPS, "lr": 2.0e-3, "warmup_steps": 1, "checkpoint_every_steps": 2,
+                     "keep_checkpoints": 1, "eval_every_steps": 2, "eval_batches": 2,
+                     "activation_checkpointing": False, "dtype": "fp32"},
+    }))
+    # what the chart sets for worker pods; here a file stands in for the pod's /proc/1/fd/1
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELORA_MIRROR_LOG": str(root / "mirror.log")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "pipelora-k8s"), "run", "--config", str(config)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    return config, root / "runs" / "e2e-local", output
+
+
+def test_run_leaves_a_committed_adapter_and_checkpoint(local_run: tuple[Path, Path, str]) -> None:
+    config, run, output = local_run
+    adapter = run / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["peft_type"] == "LORA"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+    storage = open_storage(str(run))
+    checkpoints = storage.list_dirs(str(run / "checkpoints"))
+    assert checkpoints == [f"step-{STEPS:08d}"]
+    storage.verify_committed(str(run / "checkpoints" / checkpoints[0] / "COMMITTED"))
+    storage.verify_committed(str(run / "data" / "manifest.json"))
+    assert f"adapter       {run}/adapter" in output
+
+
+def test_progress_and_loss_curve(local_run: tuple[Path, Path, str]) -> None:
+    _, run, output = local_run
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["state"] == "finished"
+    assert progress["step"] == STEPS == progress["max_steps"]
+    assert [s for s, _ in progress["losses"]] == list(range(1, STEPS + 1))
+    assert [s for s, _ in progress["eval_losses"]] == [2, 4]
+    png = (run / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert f"loss curve    {run}/loss_curve.png" in output
+
+
+def test_every_stage_logs_tagged_lines_through_mpirun(local_run: tuple[Path, Path, str]) -> None:
+    _, _, output = local_run
+    for stage in (1, 2):
+        steps = [line for line in output.splitlines() if f"[stage {stage}/2 dp 0/1] step " in line and " loss " in line]
+        assert len([s for s in steps if "eval_loss" not in s]) == STEPS, f"stage {stage}: {steps}"
+    # mpirun's --tag-output prefix shows which rank wrote each line
+    assert "[1,0]<stdout>:[stage 1/2" in output and "[1,1]<stdout>:[stage 2/2" in output
+
+
+def test_ranks_mirror_their_lines_where_worker_pod_logs_read_them(local_run: tuple[Path, Path, str]) -> None:
+    _, run, _ = local_run
+    mirror = (run.parent.parent / "mirror.log").read_text().splitlines()
+    for stage in (1, 2):
+        steps = {line.split(" step ")[1].split("/")[0] for line in mirror
+                 if line.startswith(f"[stage {stage}/2 dp 0/1] step ") and " loss " in line}
+        assert steps == {str(s) for s in range(1, STEPS + 1)}, mirror
+
+
+def test_the_executed_commands_are_the_charts(local_run: tuple[Path, Path, str]) -> None:
+    """The argv the runner printed is the cluster's, with only the local paths and flags changed."""
+    from pipelora.workflow.commands import job_commands
+
+    config, run, output = local_run
+    spec = load_spec(run / "local" / "job.yaml")
+    assert spec == load_spec(config)
+    cluster = job_commands(spec)
+    dataprep = next(line for line in output.splitlines() if line.startswith("==> dataprep: ")).split()[2:]
+    assert dataprep == [*cluster.dataprep[:-1], str(run / "local" / "job.yaml")]
+    train = next(line for line in output.splitlines() if line.startswith("==> train: ")).split()[2:]
+    assert train[-4:-1] == cluster.launcher[-4:-1] and train[-1] == str(run / "local" / "job.yaml")
+    assert train[:5] == ["mpirun", "--hostfile", str(run / "local" / "hostfile"), "-np", "2"]
+    assert (run / "local" / "hostfile").read_text() == "localhost slots=2\n"

@@ -1,0 +1,270 @@
+"""status and logs over real HTTP, against a local server answering the Kubernetes REST paths they use."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from pipelora.config import spec_from_dict
+from pipelora.workflow.cli import main
+from pipelora.workflow.logs import stage_workers
+
+NS = "ml"
+NAME = "demo"
+
+
+def demo_spec(storage: Path) -> dict[str, Any]:
+    return {
+        "name": NAME,
+        "storage": {"uri": str(storage)},
+        "model": {"uri": "s3://bucket/models/m"},
+        "dataset": {"uri": "s3://bucket/data/a.json"},
+        "parallel": {"stages": 4, "nodes": 2, "gpus_per_node": 2, "micro_batches": 8},
+    }
+
+
+def pod(name: str, component: str, *, phase: str = "Running", created: str = "2026-01-01T00:00:00Z",
+        ready: bool = True, restarts: int = 0, waiting: str | None = None) -> dict[str, Any]:
+    state = {"waiting": {"reason": waiting}} if waiting else {"running": {}}
+    return {
+        "metadata": {"name": name, "namespace": NS, "creationTimestamp": created,
+                     "labels": {"app.kubernetes.io/instance": NAME, "app.kubernetes.io/component": component}},
+        "spec": {"nodeName": "node-a", "containers": [{"name": component, "image": "x"}]},
+        "status": {"phase": phase, "containerStatuses": [
+            {"name": component, "ready": ready, "restartCount": restarts, "image": "x", "imageID": "",
+             "state": state}]},
+    }
+
+
+WORKER_LOGS = {
+    "demo-worker-0": ["[stage 1/4 dp 0/1] step 1/10 loss 2.000", "[stage 2/4 dp 0/1] step 1/10 loss 2.000"],
+    "demo-worker-1": ["[stage 3/4 dp 0/1] step 1/10 loss 2.000", "[stage 4/4 dp 0/1] step 1/10 loss 2.000",
+                      "[stage 3/4 dp 0/1] step 2/10 loss 1.500"],
+}
+LAUNCHER_LOG = [f"[1,{r}]<stdout>:[stage {r + 1}/4 dp 0/1] step 1/10 loss 2.000" for r in range(4)]
+
+
+class FakeApi(BaseHTTPRequestHandler):
+    """Answers the GETs status/logs make; records each (path, query) for assertions."""
+
+    objects: dict[str, Any] = {}
+    requests: list[tuple[str, dict[str, list[str]]]] = []
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        self.requests.append((url.path, query))
+        assert self.headers.get("Authorization") == "Bearer test-token"
+        base = f"/api/v1/namespaces/{NS}/pods/"
+        if url.path.startswith(base) and url.path.endswith("/log"):
+            name = url.path[len(base):-len("/log")]
+            lines = LAUNCHER_LOG if name.startswith("demo-launcher") else WORKER_LOGS.get(name)
+            if lines is None:
+                return self._send(404, json.dumps({"kind": "Status", "code": 404}).encode())
+            return self._send(200, ("\n".join(lines) + "\n").encode(), "text/plain")
+        if url.path == f"/api/v1/namespaces/{NS}/pods":
+            selector = dict(kv.split("=") for kv in query["labelSelector"][0].split(","))
+            items = [p for p in self.objects["pods"]
+                     if all(p["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+            return self._send(200, json.dumps({"kind": "PodList", "items": items}).encode())
+        if url.path in self.objects:
+            return self._send(200, json.dumps(self.objects[url.path]).encode())
+        return self._send(404, json.dumps({"kind": "Status", "code": 404, "reason": "NotFound"}).encode())
+
+
+@pytest.fixture
+def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A running fake API server and a kubeconfig pointing at it (KUBECONFIG set); yields the storage root."""
+    storage = tmp_path / "store"
+    spec = spec_from_dict(demo_spec(storage))
+    FakeApi.requests = []
+    FakeApi.objects = {
+        f"/api/v1/namespaces/{NS}/configmaps/{NAME}-spec": {"kind": "ConfigMap", "data": {"job.yaml": spec.to_yaml()}},
+        f"/apis/batch/v1/namespaces/{NS}/jobs/{NAME}-dataprep": {"kind": "Job", "status": {
+            "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+        f"/apis/kubeflow.org/v2beta1/namespaces/{NS}/mpijobs/{NAME}": {"kind": "MPIJob", "status": {"conditions": [
+            {"type": "Created", "status": "True", "reason": "MPIJobCreated", "message": "created"},
+            {"type": "Running", "status": "True", "reason": "MPIJobRunning", "message": "MPIJob ml/demo is running"}]}},
+        "pods": [pod("demo-dataprep-x1y2z", "dataprep", phase="Succeeded", ready=False),
+                 pod("demo-launcher-old00", "launcher", created="2026-01-01T00:00:00Z", phase="Failed", ready=False),
+                 pod("demo-launcher-new11", "launcher", created="2026-01-01T01:00:00Z"),
+                 pod("demo-worker-0", "worker"),
+                 pod("demo-worker-1", "worker", restarts=2, ready=False, waiting="CrashLoopBackOff")],
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}},
+                     {"name": "dead", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "c", "user": "u", "namespace": NS}},
+                     {"name": "unreachable", "context": {"cluster": "dead", "user": "u"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    yield storage
+    server.shutdown()
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return int(exc.value.code or 0), out.out, out.err
+
+
+def test_status_reports_conditions_pods_and_progress(api: Path, capsys: pytest.CaptureFixture) -> None:
+    (api / NAME).mkdir(parents=True)
+    progress = {"step": 40, "max_steps": 100, "loss": 1.25, "eval_loss": 1.5, "lr": 1e-4, "tokens_per_s": 900,
+                "eta_s": 3725, "updated_at": time.time(), "state": "running", "losses": [[1, 2.0], [40, 1.25]],
+                "eval_losses": [[20, 1.7], [40, 1.5]]}
+    (api / NAME / "progress.json").write_text(json.dumps(progress))
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 0, err
+    assert f"job {NAME} (namespace {NS}): 4 stages on 2 node(s) x 2 GPU(s)" in out
+    assert "dataprep Job  Succeeded" in out
+    assert "MPIJob        Running (MPIJobRunning: MPIJob ml/demo is running)" in out
+    assert "demo-worker-1" in out and "CrashLoopBackOff" in out and "restarts 2" in out
+    assert "progress: running step 40/100 loss 1.2500 eval_loss 1.5000 eta 1:02:05" in out
+
+    code, out, err = cli(["status", NAME, "-o", "json", "--namespace", NS, "--context", "test"], capsys)
+    info = json.loads(out)
+    assert info["mpijob"]["phase"] == "Running" and info["dataprep"]["phase"] == "Succeeded"
+    assert [p["name"] for p in info["pods"] if p["component"] == "launcher"] == [
+        "demo-launcher-new11", "demo-launcher-old00"]
+    assert info["progress"]["step"] == 40
+    assert (f"/api/v1/namespaces/{NS}/pods", {"labelSelector": [f"app.kubernetes.io/instance={NAME}"]}) in FakeApi.requests
+
+
+def test_status_of_unknown_job_is_one_sentence(api: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(["status", "nope"], capsys)
+    assert code != 0
+    assert err.strip() == f"error: no pipelora job named nope in namespace {NS} (see `pipelora-k8s list`, or pass --namespace)"
+
+
+def test_logs_default_to_the_newest_launcher(api: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code == 0, err
+    assert out.splitlines() == LAUNCHER_LOG
+    log_requests = [(p, q) for p, q in FakeApi.requests if p.endswith("/log")]
+    assert log_requests[-1][0] == f"/api/v1/namespaces/{NS}/pods/demo-launcher-new11/log"
+    assert log_requests[-1][1]["container"] == ["launcher"]
+
+
+def test_logs_of_one_stage_come_from_its_worker(api: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(["logs", NAME, "--stage", "3", "--follow"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == ["[stage 3/4 dp 0/1] step 1/10 loss 2.000", "[stage 3/4 dp 0/1] step 2/10 loss 1.500"]
+    path, query = [(p, q) for p, q in FakeApi.requests if p.endswith("/log")][-1]
+    assert path == f"/api/v1/namespaces/{NS}/pods/demo-worker-1/log"
+    assert query["follow"] == ["true"] and query["container"] == ["worker"]
+    code, out, err = cli(["logs", NAME, "--stage", "5"], capsys)
+    assert code != 0 and "--stage 5 is out of range; this job has stages 1..4" in err
+
+
+def test_logs_of_all_workers_interleave(api: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(["logs", NAME, "--component", "worker"], capsys)
+    assert code == 0, err
+    assert sorted(out.splitlines()) == sorted(WORKER_LOGS["demo-worker-0"] + WORKER_LOGS["demo-worker-1"])
+
+
+def test_stage_placement_follows_rank_order(tmp_path: Path) -> None:
+    spec = spec_from_dict({**demo_spec(tmp_path), "parallel": {"stages": 8, "nodes": 2, "gpus_per_node": 4,
+                                                               "micro_batches": 16}})
+    assert [stage_workers(spec, s) for s in range(1, 9)] == [[0]] * 4 + [[1]] * 4
+    spec = spec_from_dict({**demo_spec(tmp_path), "parallel": {"stages": 2, "nodes": 4, "gpus_per_node": 2,
+                                                               "micro_batches": 8}})
+    assert stage_workers(spec, 1) == [0, 1] and stage_workers(spec, 2) == [2, 3]
+
+
+def test_unreachable_cluster_is_one_sentence(api: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = cli(["status", NAME, "--context", "unreachable"], capsys)
+    assert code != 0
+    assert err.startswith("error: cannot reach the Kubernetes API at http://127.0.0.1:9")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_kubeconfig_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code != 0
+    assert err.startswith("error: no Kubernetes configuration found")
+
+
+@pytest.fixture
+def recording_helm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """helm that renders for real but records `upgrade` instead of installing (there is no cluster)."""
+    from pipelora.workflow import helm
+
+    real = helm.find_helm()
+    record = tmp_path / "helm-calls"
+    script = tmp_path / "helm-wrapper"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"if [ \"$1\" = upgrade ]; then echo \"$@\" >> {record}; "
+        "while [ $# -gt 0 ]; do [ \"$1\" = -f ] && cp \"$2\" " + str(tmp_path / "values.yaml") + "; shift; done; "
+        "echo 'NOTES: submitted'; exit 0; fi\n"
+        f"exec {real} \"$@\"\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PIPELORA_HELM", str(script))
+    return record
+
+
+@pytest.mark.parametrize("final", ["Succeeded", "Failed"])
+def test_submit_installs_then_waits_for_the_end(api: Path, recording_helm: Path, tmp_path: Path, final: str,
+                                                capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(demo_spec(api)))
+    path = f"/apis/kubeflow.org/v2beta1/namespaces/{NS}/mpijobs/{NAME}"
+    FakeApi.objects[path] = {"kind": "MPIJob", "status": {"conditions": [
+        {"type": "Running", "status": "False"}, {"type": final, "status": "True", "reason": f"MPIJob{final}"}]}}
+    code, out, err = cli(["submit", "--config", str(config), "--context", "test", "-n", NS, "--wait"], capsys)
+    calls = recording_helm.read_text().split()
+    assert calls[:3] == ["upgrade", "--install", NAME]
+    assert calls[-4:] == ["--kube-context", "test", "--namespace", NS]
+    values = yaml.safe_load((tmp_path / "values.yaml").read_text())
+    assert values["parallel"] == {"nodes": 2, "gpusPerNode": 2}
+    assert "NOTES: submitted" in out
+    assert out.splitlines()[-1] == f"MPIJob {NAME}: {final}"
+    assert LAUNCHER_LOG[0] in out  # the launcher's log is shown even when the job ended before following it
+    if final == "Succeeded":
+        assert code == 0, err
+    else:
+        assert code == 1 and err.strip() == (f"error: job {NAME} failed; see `pipelora-k8s status {NAME}` "
+                                             f"and `pipelora-k8s logs {NAME}`")
+
+
+def test_status_still_reports_the_cluster_when_storage_is_unreachable(api: Path, capsys: pytest.CaptureFixture) -> None:
+    data = {**demo_spec(api), "storage": {"uri": "s3://bucket/runs", "endpoint_url": "http://127.0.0.1:9"}}
+    FakeApi.objects[f"/api/v1/namespaces/{NS}/configmaps/{NAME}-spec"] = {
+        "kind": "ConfigMap", "data": {"job.yaml": spec_from_dict(data).to_yaml()}}
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 0, err
+    assert "MPIJob        Running" in out
+    progress = next(line for line in out.splitlines() if "progress:" in line)
+    assert progress.startswith("  progress: unavailable from here (cannot ")
+    assert "s3://bucket/runs/demo/progress.json: S3 endpoint http://127.0.0.1:9 is unreachable" in progress

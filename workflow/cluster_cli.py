@@ -1,0 +1,225 @@
+"""Cluster commands: submit, render, status, logs, delete, list, and the launcher's wait-for-data.
+
+They share kubectl's `--context` / `--namespace`; nothing here touches a cluster before the
+spec and the MPI Operator's own rules have been checked on the rendered release.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from pipelora.cli_common import spec_options
+from pipelora.config import JobSpec
+from pipelora.workflow import helm
+from pipelora.workflow.helm import KubeTarget
+from pipelora.workflow.rules import check_release, parse_manifests
+from pipelora.workflow.values import chart_values
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def kube_options(func: F) -> F:
+    """kubectl's --context and --namespace; the command receives `target: KubeTarget`."""
+
+    @click.option("--context", "kube_context", help="kubeconfig context (default: the current one).")
+    @click.option("--namespace", "-n", help="Namespace (default: the context's, else 'default').")
+    @functools.wraps(func)
+    def wrapper(*args: Any, kube_context: str | None, namespace: str | None, **kwargs: Any) -> Any:
+        kwargs["target"] = KubeTarget(context=kube_context, namespace=namespace)
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _render(spec: JobSpec, namespace: str | None) -> tuple[dict[str, Any], str]:
+    values = chart_values(spec)
+    text = helm.template(spec.name, values, namespace=namespace)
+    check_release(text)
+    return values, text
+
+
+@click.command()
+@spec_options
+@kube_options
+@click.option("--dry-run", is_flag=True, help="Validate and print the manifests; install nothing.")
+@click.option("--wait", "wait_done", is_flag=True, help="After installing, follow the launcher's log to the end.")
+def submit(spec: JobSpec, target: KubeTarget, dry_run: bool, wait_done: bool) -> None:
+    """Validate a job and install it as a Helm release (dataprep Job + MPIJob).
+
+    \b
+    Example:
+      pipelora-k8s submit --config job.yaml --stages 8 --nodes 2
+      pipelora-k8s submit --config job.yaml --dry-run > release.yaml
+    """
+    target = KubeTarget(context=target.context, namespace=target.namespace or spec.cluster.namespace)
+    values, text = _render(spec, target.namespace)
+    if dry_run:
+        click.echo(text, nl=False)
+        return
+    notes = helm.upgrade_install(spec.name, values, target=target)
+    click.echo(notes, nl=False)
+    if wait_done:
+        _wait_for_job(spec.name, target)
+
+
+def _wait_for_job(name: str, target: KubeTarget, *, poll_s: float = 10.0) -> None:
+    """Follow the launcher's log while it runs, then report the MPIJob's final phase."""
+    from pipelora.workflow.kube import Kube, KubeError
+    from pipelora.workflow.logs import log_lines, newest_pod
+    from pipelora.workflow.status import job_phase, release_spec
+
+    kube = Kube.connect(target)
+    spec = release_spec(kube, name)
+    streamed = False
+    while True:
+        phase = job_phase(kube.mpijob(name))
+        if phase in ("Succeeded", "Failed"):
+            break
+        if phase == "Running" and newest_pod(kube, name, "launcher"):
+            try:
+                for line in log_lines(kube, spec, component="launcher", follow=True):
+                    click.echo(line)
+                    streamed = True
+            except KubeError:
+                pass  # the launcher is still in its init container: poll again
+        time.sleep(poll_s)
+    if not streamed and newest_pod(kube, name, "launcher"):
+        for line in log_lines(kube, spec, component="launcher", tail=200):
+            click.echo(line)
+    click.echo(f"MPIJob {name}: {phase}")
+    if phase == "Failed":
+        raise KubeError(f"job {name} failed; see `pipelora-k8s status {name}` and `pipelora-k8s logs {name}`")
+
+
+@click.command()
+@spec_options
+@click.option("--namespace", "-n", help="Namespace written into the manifests.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write one file per object into this folder instead of stdout.")
+@click.option("--values-only", is_flag=True, help="Print the chart values instead of the manifests.")
+def render(spec: JobSpec, namespace: str | None, out_dir: str | None, values_only: bool) -> None:
+    """Render the release's manifests (helm template) without a cluster.
+
+    \b
+    Example:
+      pipelora-k8s render --config job.yaml --stages 8 --nodes 2 > release.yaml
+      pipelora-k8s render --config job.yaml --out manifests/
+    """
+    values, text = _render(spec, namespace or spec.cluster.namespace)
+    if values_only:
+        click.echo(yaml.safe_dump(values, sort_keys=False), nl=False)
+        return
+    if out_dir is None:
+        click.echo(text, nl=False)
+        return
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj in parse_manifests(text):
+        path = folder / f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj, sort_keys=False), encoding="utf-8")
+        click.echo(str(path))
+
+
+@click.command()
+@click.argument("name")
+@kube_options
+@click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def status(name: str, target: KubeTarget, output: str) -> None:
+    """The dataprep Job's and MPIJob's conditions, the pods, and the training progress.
+
+    \b
+    Example:
+      pipelora-k8s status alpaca-mistral --namespace ml
+    """
+    from pipelora.workflow.kube import Kube
+    from pipelora.workflow.status import collect_status, format_status
+
+    info = collect_status(Kube.connect(target), name)
+    click.echo(json.dumps(info, indent=2) if output == "json" else format_status(info))
+
+
+@click.command()
+@click.argument("name")
+@kube_options
+@click.option("--stage", type=int, help="Only this pipeline stage (1-based), from the worker pods hosting it.")
+@click.option("--component", type=click.Choice(["launcher", "worker", "dataprep"]),
+              help="Which pods (default: the launcher, or dataprep before it exists).")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming new lines.")
+@click.option("--tail", type=int, help="Only the last N lines of each pod.")
+def logs(name: str, target: KubeTarget, stage: int | None, component: str | None, follow: bool,
+         tail: int | None) -> None:
+    """Show a job's log: every rank's lines (launcher), or one stage's.
+
+    \b
+    Example:
+      pipelora-k8s logs alpaca-mistral --follow
+      pipelora-k8s logs alpaca-mistral --stage 3
+    """
+    from pipelora.workflow.kube import Kube
+    from pipelora.workflow.logs import log_lines
+    from pipelora.workflow.status import release_spec
+
+    kube = Kube.connect(target)
+    spec = release_spec(kube, name)
+    for line in log_lines(kube, spec, stage=stage, component=component, follow=follow, tail=tail):
+        click.echo(line)
+        sys.stdout.flush()
+
+
+@click.command()
+@click.argument("name")
+@kube_options
+def delete(name: str, target: KubeTarget) -> None:
+    """Uninstall a job's release (its pods go; the run folder in storage stays).
+
+    \b
+    Example:
+      pipelora-k8s delete alpaca-mistral
+    """
+    click.echo(helm.uninstall(name, target=target), nl=False)
+
+
+@click.command(name="list")
+@kube_options
+@click.option("--all-namespaces", "-A", is_flag=True, help="Every namespace.")
+def list_jobs(target: KubeTarget, all_namespaces: bool) -> None:
+    """List pipelora releases.
+
+    \b
+    Example:
+      pipelora-k8s list -A
+    """
+    releases = helm.list_releases(target=target, all_namespaces=all_namespaces)
+    if not releases:
+        click.echo("no pipelora jobs")
+        return
+    click.echo(f"{'NAME':<40} {'NAMESPACE':<16} {'STATUS':<10} {'REVISION':<8} UPDATED")
+    for r in releases:
+        click.echo(f"{r.get('name', ''):<40} {r.get('namespace', ''):<16} {r.get('status', ''):<10} "
+                   f"{r.get('revision', ''):<8} {r.get('updated', '')}")
+
+
+@click.command(name="wait-for-data")
+@spec_options
+@click.option("--timeout", "timeout_s", type=float, default=86400, show_default=True,
+              help="Seconds to wait before failing.")
+@click.option("--interval", "interval_s", type=float, default=10, show_default=True, help="Seconds between polls.")
+def wait_for_data_cmd(spec: JobSpec, timeout_s: float, interval_s: float) -> None:
+    """Wait until the run's data manifest is committed (the MPIJob launcher runs this first).
+
+    \b
+    Example:
+      pipelora-k8s wait-for-data --config job.yaml --timeout 3600
+    """
+    from pipelora.workflow.waitdata import wait_for_data
+
+    wait_for_data(spec, timeout_s=timeout_s, interval_s=interval_s, echo=click.echo)
