@@ -12,10 +12,18 @@ import difflib
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipelora.errors import PipeloraError
 
@@ -57,6 +65,17 @@ def check_uri(value: str, field: str) -> str:
     return value
 
 
+def positive(field: str, hint: str) -> AfterValidator:
+    """A validator for a number that must be > 0, whose message names the field and a usual value."""
+
+    def check(value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"{field} must be positive (got {value}); {hint}")
+        return value
+
+    return AfterValidator(check)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -94,7 +113,9 @@ class DatasetSpec(_Section):
     uri: str = Field(description="Dataset file: .json, .jsonl or .parquet.")
     format: Literal["alpaca", "messages"] = "alpaca"
     template: Literal["alpaca", "chat"] = "alpaca"
-    seq_len: int = Field(default=2048, description="Tokens per packed row.")
+    seq_len: Annotated[int, positive("dataset.seq_len", "2048 suits a 7B model")] = Field(
+        default=2048, description="Tokens per packed row."
+    )
     packing: bool = True
     train_on_inputs: bool = False
     eval_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
@@ -110,33 +131,12 @@ class DatasetSpec(_Section):
     def _uri(cls, v: str) -> str:
         return check_uri(v, "dataset.uri")
 
-    @field_validator("seq_len")
-    @classmethod
-    def _seq_len(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"dataset.seq_len must be positive (got {v}); 2048 suits a 7B model")
-        return v
-
 
 class LoraSpec(_Section):
-    r: int = 16
-    alpha: float = 32
+    r: Annotated[int, positive("lora.r", "8 to 64 is usual")] = 16
+    alpha: Annotated[float, positive("lora.alpha", "2 x r is usual")] = 32
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-
-    @field_validator("r")
-    @classmethod
-    def _r(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"lora.r must be positive (got {v}); 8 to 64 is usual")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"lora.alpha must be positive (got {v}); 2 x r is usual")
-        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -164,7 +164,7 @@ class ParallelSpec(_Section):
 
 class TrainingSpec(_Section):
     max_steps: int = Field(default=1000, ge=1)
-    lr: float = 2.0e-4
+    lr: Annotated[float, positive("training.lr", "1e-4 to 3e-4 is usual for LoRA")] = 2.0e-4
     warmup_steps: int = Field(default=20, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     seed: int = 1234
@@ -178,13 +178,6 @@ class TrainingSpec(_Section):
     )
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"training.lr must be positive (got {v}); 1e-4 to 3e-4 is usual for LoRA")
-        return v
 
 
 class ClusterSpec(_Section):
