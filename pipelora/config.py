@@ -161,6 +161,17 @@ class ParallelSpec(_Section):
     def data_parallel(self) -> int:
         return self.world_size // self.stages
 
+    # One pipeline's stages sit on consecutive ranks (so on one node where they fit): activations
+    # cross stages every micro-batch, while the LoRA gradient all-reduce across replicas is tiny.
+    # The trainer's DeepSpeed topology and `logs --stage` both follow this one layout.
+    def stage_of_rank(self, rank: int) -> tuple[int, int]:
+        """(0-based stage, data-parallel index) of a global rank."""
+        return rank % self.stages, rank // self.stages
+
+    def ranks_of_stage(self, stage: int) -> list[int]:
+        """Global ranks hosting 0-based `stage`, one per data-parallel replica."""
+        return [replica * self.stages + stage for replica in range(self.data_parallel)]
+
 
 class TrainingSpec(_Section):
     max_steps: int = Field(default=1000, ge=1)

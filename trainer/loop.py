@@ -84,7 +84,7 @@ def plan(spec: JobSpec, info: RankInfo | None = None) -> Plan:
         device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
-    stage, dp_rank = info.rank % p.stages, info.rank // p.stages
+    stage, dp_rank = p.stage_of_rank(info.rank)
     return Plan(spec, info, config, partition, targets, stage, dp_rank, device, _dtype(spec.training.dtype, device),
                 manifest, reader)
 

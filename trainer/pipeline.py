@@ -20,11 +20,6 @@ def topology(*, stages: int, data_parallel: int) -> Any:
     return ProcessTopology(axes=["data", "pipe"], dims=[data_parallel, stages])
 
 
-def coordinates(rank: int, *, stages: int) -> tuple[int, int]:
-    """(stage, data-parallel index) of a rank under `topology`."""
-    return rank % stages, rank // stages
-
-
 def layer_specs(config: Any, reader: CheckpointReader, *, dtype: torch.dtype, device: torch.device,
                 lora: LoraSettings, activation_checkpointing: bool) -> list[Any]:
     """One LayerSpec per pipeline item; DeepSpeed builds only those of the local stage."""

@@ -19,8 +19,7 @@ LAUNCHER_CONTAINER, WORKER_CONTAINER, DATAPREP_CONTAINER = "launcher", "worker",
 
 def stage_ranks(spec: JobSpec, stage: int) -> list[int]:
     """Global ranks of 1-based `stage`."""
-    dp = spec.parallel.data_parallel
-    return list(range((stage - 1) * dp, stage * dp))
+    return spec.parallel.ranks_of_stage(stage - 1)
 
 
 def stage_workers(spec: JobSpec, stage: int) -> list[int]:

@@ -195,7 +195,12 @@ def test_stage_placement_follows_rank_order(tmp_path: Path) -> None:
     assert [stage_workers(spec, s) for s in range(1, 9)] == [[0]] * 4 + [[1]] * 4
     spec = spec_from_dict({**demo_spec(tmp_path), "parallel": {"stages": 2, "nodes": 4, "gpus_per_node": 2,
                                                                "micro_batches": 8}})
-    assert stage_workers(spec, 1) == [0, 1] and stage_workers(spec, 2) == [2, 3]
+    # 2 stages x 4 replicas, 2 ranks a node: each node hosts one whole pipeline, so every stage is on every node.
+    assert stage_workers(spec, 1) == [0, 1, 2, 3] and stage_workers(spec, 2) == [0, 1, 2, 3]
+    spec = spec_from_dict({**demo_spec(tmp_path), "parallel": {"stages": 2, "nodes": 2, "gpus_per_node": 2,
+                                                               "micro_batches": 8}})
+    assert spec.parallel.ranks_of_stage(0) == [0, 2] and spec.parallel.ranks_of_stage(1) == [1, 3]
+    assert [spec.parallel.stage_of_rank(r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
 
 
 def test_unreachable_cluster_is_one_sentence(api: Path, capsys: pytest.CaptureFixture) -> None:
