@@ -1,0 +1,77 @@
+"""Examples → fixed rows of `seq_len`: best-fit-decreasing bin packing within a bounded window.
+
+Sorting a window of a few thousand examples by length and putting each into the fullest row
+it still fits reaches > 0.98 of the row slots on Alpaca-like data, while memory stays bounded
+however large the dataset is. Ties are broken by a seeded key and the rows of a window are
+shuffled with the same seed, so the output is a pure function of (data, seed).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipelora.dataprep.tokens import IGNORE, TokenBatch
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, rng: np.random.Generator) -> list[list[int]]:
+    """Bins of item indices, each bin's lengths summing to at most `capacity`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"an item of length {int(lengths.max())} exceeds the capacity {capacity}")
+    tie = rng.random(len(lengths))
+    order = np.lexsort((tie, -lengths))
+    bins: list[list[int]] = []
+    open_bins: list[tuple[int, int]] = []  # (remaining, bin id), sorted: bisect finds the best fit
+    for item in order.tolist():
+        size = int(lengths[item])
+        at = bisect.bisect_left(open_bins, (size, -1))
+        if at < len(open_bins):
+            remaining, bin_id = open_bins.pop(at)
+            bins[bin_id].append(item)
+        else:
+            bin_id, remaining = len(bins), capacity
+            bins.append([item])
+        remaining -= size
+        if remaining > 0:
+            bisect.insort(open_bins, (remaining, bin_id))
+    return bins
+
+
+def build_rows(batch: TokenBatch, bins: Sequence[Sequence[int]], *, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows for `bins`: sequences back to back, then padding as its own segment (labels IGNORE).
+
+    Slice copies per example (memcpy) beat index gathers over every token by several times.
+    """
+    count = len(bins)
+    input_ids = np.full((count, seq_len), pad_id, dtype=np.int32)
+    labels = np.full((count, seq_len), IGNORE, dtype=np.int32)
+    position_ids = np.empty((count, seq_len), dtype=np.int32)
+    ramp = np.arange(seq_len, dtype=np.int32)
+    starts, lengths = batch.starts.tolist(), batch.lengths.tolist()
+    for row, members in enumerate(bins):
+        row_ids, row_labels, row_positions = input_ids[row], labels[row], position_ids[row]
+        cursor = 0
+        for k in members:
+            start, n = starts[k], lengths[k]
+            if cursor + n > seq_len:
+                raise ValueError(f"row {row} would hold more than seq_len {seq_len} tokens")
+            row_ids[cursor : cursor + n] = batch.ids[start : start + n]
+            row_labels[cursor : cursor + n] = batch.labels[start : start + n]
+            row_labels[cursor] = IGNORE  # a sequence never learns to predict its neighbour's last token
+            row_positions[cursor : cursor + n] = ramp[:n]
+            cursor += n
+        row_positions[cursor:] = ramp[: seq_len - cursor]
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def pack(batch: TokenBatch, *, seq_len: int, pad_id: int, packing: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows for a window of examples: packed (best fit) or one example per row, in seeded order."""
+    if packing:
+        bins = best_fit_decreasing(batch.lengths, seq_len, rng=rng)
+    else:
+        bins = [[i] for i in range(len(batch))]
+    order = rng.permutation(len(bins))
+    return build_rows(batch, [bins[i] for i in order], seq_len=seq_len, pad_id=pad_id)

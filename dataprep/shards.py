@@ -1,0 +1,284 @@
+"""Shards: fixed-length rows of int32 `input_ids`, `labels`, `position_ids` in safetensors files.
+
+The writer uploads each shard as soon as it is full, so a large dataset never sits whole in
+memory or on local disk. The reader memory-maps shards (read only the rows asked for), checks
+each shard's sha256 against the manifest on first use, and pulls s3:// shards through a local
+cache keyed by that sha256, so every rank of every run reads verified bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelora.dataprep.errors import ShardsError
+from pipelora.storage import ObjectInfo, Storage, StorageError, is_s3, join_uri, local_path, open_storage
+
+FIELDS = ("input_ids", "labels", "position_ids")
+MANIFEST = "manifest.json"
+SHARD_BYTES = 64 * 1024 * 1024  # bounded shards: uploaded as they complete, cached one by one
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.safetensors"
+
+
+def rows_per_shard(seq_len: int, *, shard_bytes: int = SHARD_BYTES) -> int:
+    return max(1, shard_bytes // (len(FIELDS) * 4 * seq_len))
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Collects rows of one split, writes a shard whenever `rows_per_shard` are buffered.
+
+    Uploads run on one background thread so tokenization continues while a shard travels.
+    """
+
+    def __init__(self, storage: Storage, data_uri: str, split: str, *, seq_len: int, rows_per_shard: int) -> None:
+        self.storage = storage
+        self.data_uri = data_uri
+        self.split = split
+        self.seq_len = seq_len
+        self.rows_per_shard = rows_per_shard
+        self._buffers: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+        self._pending: list[tuple[str, int, Future[ObjectInfo]]] = []
+        # One upload at a time while tokenization goes on; at most two shards are held in memory.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upload-{split}")
+        self.rows = 0
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        count = len(rows["input_ids"])
+        if not count:
+            return
+        for name in FIELDS:
+            if rows[name].shape != (count, self.seq_len):
+                raise ValueError(f"{name} has shape {rows[name].shape}, expected ({count}, {self.seq_len})")
+        self._buffers.append(rows)
+        self._buffered += count
+        while self._buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _take(self, count: int) -> dict[str, np.ndarray]:
+        merged = {name: np.concatenate([b[name] for b in self._buffers]) for name in FIELDS}
+        head = {name: np.ascontiguousarray(merged[name][:count], dtype=np.int32) for name in FIELDS}
+        rest = {name: merged[name][count:] for name in FIELDS}
+        self._buffers = [rest] if len(rest["input_ids"]) else []
+        self._buffered -= count
+        return head
+
+    def _flush(self, count: int) -> None:
+        from safetensors.numpy import save
+
+        tensors = self._take(count)
+        name = shard_name(self.split, len(self._pending))
+        # one metadata key: safetensors writes its metadata map in hash order, and shards must be byte-stable
+        data = save(tensors, metadata={"split": self.split})
+        uri = join_uri(self.data_uri, name)
+        if self._pending:
+            self._pending[-1][2].result()  # back-pressure (and upload errors surface here, early)
+        self._pending.append((name, count, self._pool.submit(self.storage.write_bytes, uri, data)))
+        self.rows += count
+
+    def close(self) -> tuple[list[ObjectInfo], dict[str, Any]]:
+        """Write what is buffered, wait for every upload; returns objects and the split's manifest entry."""
+        try:
+            if self._buffered:
+                self._flush(self._buffered)
+            infos = [future.result() for _, _, future in self._pending]
+        finally:
+            self._pool.shutdown(wait=True)
+        entry = {
+            "rows": self.rows,
+            "shards": [name for name, _, _ in self._pending],
+            "shard_rows": [count for _, count, _ in self._pending],
+        }
+        return infos, entry
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "U8": np.uint8, "F32": np.float32}
+
+
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map every tensor of a safetensors file (the format is a JSON header, then raw bytes)."""
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    out: dict[str, np.ndarray] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        dtype = np.dtype(_DTYPES[meta["dtype"]]).newbyteorder("<")
+        shape = tuple(meta["shape"])
+        if end == start:
+            out[name] = np.zeros(shape, dtype=dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _ShardStore:
+    """The shards of one split: located, fetched, verified and mapped once, shared by all views."""
+
+    def __init__(self, storage: Storage, data_uri: str, manifest: dict[str, Any], split: str, cache_dir: Path | None):
+        self.storage = storage
+        self.data_uri = data_uri
+        self.manifest = manifest
+        self.seq_len = int(manifest["seq_len"])
+        self.cache_dir = cache_dir
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        entry = manifest["splits"][split]
+        self.names: list[str] = list(entry["shards"])
+        counts = entry.get("shard_rows")
+        if counts is None:  # a manifest without per-shard counts: read them from the files
+            counts = [len(self._mapped(i)["input_ids"]) for i in range(len(self.names))]
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _local_file(self, name: str, sha: str | None) -> Path:
+        uri = join_uri(self.data_uri, name)
+        if not is_s3(uri):
+            return local_path(uri)
+        cache = self.cache_dir or Path(os.environ.get("PIPELORA_CACHE", Path(tempfile.gettempdir()) / "pipelora-cache"))
+        cache.mkdir(parents=True, exist_ok=True)
+        target = cache / f"{sha or hashlib.sha256(uri.encode()).hexdigest()}.safetensors"
+        if not target.exists():
+            partial = cache / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
+            self.storage.download_file(uri, partial)
+            os.replace(partial, target)
+        return target
+
+    def _mapped(self, index: int) -> dict[str, np.ndarray]:
+        with self._lock:
+            if index in self._maps:
+                return self._maps[index]
+            name = self.names[index]
+            sha = self.manifest.get("files", {}).get(name, {}).get("sha256")
+            try:
+                path = self._local_file(name, sha)
+            except StorageError as exc:
+                raise ShardsError(f"cannot fetch shard {name} of {self.data_uri}: {exc}") from None
+            if not path.is_file():
+                raise ShardsError(f"shard {join_uri(self.data_uri, name)} is missing; run dataprep again with --overwrite")
+            if sha and _sha256(path) != sha:
+                if is_s3(self.data_uri):
+                    path.unlink(missing_ok=True)
+                raise ShardsError(
+                    f"shard {join_uri(self.data_uri, name)} does not match the sha256 in its manifest; "
+                    "it was modified or truncated: run dataprep again with --overwrite"
+                )
+            tensors = map_safetensors(path)
+            missing = [f for f in FIELDS if f not in tensors]
+            if missing:
+                raise ShardsError(f"shard {name} of {self.data_uri} lacks tensors {missing}")
+            self._maps[index] = tensors
+            return tensors
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        tensors = self._mapped(shard)
+        local = index - int(self.offsets[shard])
+        return {name: np.array(tensors[name][local], dtype=np.int32) for name in FIELDS}
+
+
+class ShardDataset:
+    """Random access to the rows of one split; `partition` and `shuffled` return cheap views."""
+
+    def __init__(self, store: _ShardStore, indices: np.ndarray | None = None) -> None:
+        self._store = store
+        self._indices = indices
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._store.manifest
+
+    @property
+    def seq_len(self) -> int:
+        return self._store.seq_len
+
+    def __len__(self) -> int:
+        return len(self._store) if self._indices is None else len(self._indices)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        i = i % n
+        return self._store.row(i if self._indices is None else int(self._indices[i]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def _base_indices(self) -> np.ndarray:
+        return np.arange(len(self._store), dtype=np.int64) if self._indices is None else self._indices
+
+    def partition(self, rank: int, world: int) -> ShardDataset:
+        """Rank `rank` of `world` gets a disjoint, equally long slice (floor(len/world) rows)."""
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        per_rank = len(self) // world
+        return ShardDataset(self._store, self._base_indices()[rank * per_rank : (rank + 1) * per_rank])
+
+    def shuffled(self, seed: int, epoch: int = 0) -> ShardDataset:
+        """The same rows in an order fixed by (seed, epoch), identical on every rank."""
+        order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(self))
+        return ShardDataset(self._store, self._base_indices()[order])
+
+
+def read_manifest(data_uri: str, *, endpoint_url: str | None = None) -> dict[str, Any] | None:
+    storage = open_storage(data_uri, endpoint_url=endpoint_url)
+    return storage.read_marker(join_uri(data_uri, MANIFEST))
+
+
+def open_shards(
+    data_uri: str,
+    *,
+    split: str = "train",
+    endpoint_url: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> ShardDataset:
+    """Open the prepared rows of `split` under a run's `data/` folder (local or s3://)."""
+    storage = open_storage(data_uri, endpoint_url=endpoint_url)
+    try:
+        manifest = storage.read_marker(join_uri(data_uri, MANIFEST))
+    except StorageError as exc:
+        raise ShardsError(f"cannot read the data manifest of {data_uri}: {exc}") from None
+    if manifest is None:
+        raise ShardsError(
+            f"no data manifest at {join_uri(data_uri, MANIFEST)}: run dataprep first "
+            "(pipelora-k8s dataprep --config job.yaml)"
+        )
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardsError(f"the data at {data_uri} has no '{split}' split (it has: {', '.join(splits) or 'none'})")
+    store = _ShardStore(storage, data_uri, manifest, split, Path(cache_dir) if cache_dir else None)
+    return ShardDataset(store)
