@@ -7,7 +7,6 @@ carrying an error, so the caller can skip and count them instead of dying on the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelora.dataprep.errors import DataprepError
-from pipelora.storage import Storage, StorageError, is_s3, local_path
+from pipelora.storage import Storage, StorageError, is_s3, local_path, sha256_file
 
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 PARQUET_BATCH = 4096
@@ -65,14 +64,6 @@ def file_kind(uri: str, path: Path) -> str:
     return kind
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_dataset(storage: Storage, uri: str, *, scratch: Path | None = None) -> DatasetFile:
     """The dataset as a local file (an s3:// object is downloaded once into `scratch`)."""
     if is_s3(uri):
@@ -87,7 +78,7 @@ def fetch_dataset(storage: Storage, uri: str, *, scratch: Path | None = None) ->
         if not path.is_file():
             raise DataprepError(f"dataset {uri} does not exist; set dataset.uri to a .json, .jsonl or .parquet file")
     kind = file_kind(uri, path)
-    return DatasetFile(uri=uri, path=path, kind=kind, sha256=_sha256(path), size=path.stat().st_size)
+    return DatasetFile(uri=uri, path=path, kind=kind, sha256=sha256_file(path), size=path.stat().st_size)
 
 
 def count_records(dataset: DatasetFile) -> int | None:

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from pipelora.dataprep.errors import ShardsError
-from pipelora.storage import ObjectInfo, Storage, StorageError, is_s3, join_uri, local_path, open_storage
+from pipelora.storage import (
+    ObjectInfo,
+    Storage,
+    StorageError,
+    is_s3,
+    join_uri,
+    local_path,
+    open_storage,
+    sha256_file,
+)
 
 FIELDS = ("input_ids", "labels", "position_ids")
 MANIFEST = "manifest.json"
@@ -134,14 +143,6 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(8 * 1024 * 1024), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _ShardStore:
     """The shards of one split: located, fetched, verified and mapped once, shared by all views."""
 
@@ -188,7 +189,7 @@ class _ShardStore:
                 raise ShardsError(f"cannot fetch shard {name} of {self.data_uri}: {exc}") from None
             if not path.is_file():
                 raise ShardsError(f"shard {join_uri(self.data_uri, name)} is missing; run dataprep again with --overwrite")
-            if sha and _sha256(path) != sha:
+            if sha and sha256_file(path) != sha:
                 if is_s3(self.data_uri):
                     path.unlink(missing_ok=True)
                 raise ShardsError(
