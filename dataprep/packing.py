@@ -40,15 +40,21 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, rng: np.random
     return bins
 
 
-def build_rows(batch: TokenBatch, bins: Sequence[Sequence[int]], *, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def build_rows(
+    batch: TokenBatch, bins: Sequence[Sequence[int]], *, seq_len: int, pad_id: int,
+    out: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Rows for `bins`: sequences back to back, then padding as its own segment (labels IGNORE).
 
+    `out`: arrays of len(bins) rows to fill (a shard's buffer: no second copy); new ones otherwise.
     Slice copies per example (memcpy) beat index gathers over every token by several times.
     """
     count = len(bins)
-    input_ids = np.full((count, seq_len), pad_id, dtype=np.int32)
-    labels = np.full((count, seq_len), IGNORE, dtype=np.int32)
-    position_ids = np.empty((count, seq_len), dtype=np.int32)
+    if out is None:
+        out = {name: np.empty((count, seq_len), dtype=np.int32) for name in ("input_ids", "labels", "position_ids")}
+    input_ids, labels, position_ids = out["input_ids"], out["labels"], out["position_ids"]
+    input_ids.fill(pad_id)
+    labels.fill(IGNORE)
     ramp = np.arange(seq_len, dtype=np.int32)
     starts, lengths = batch.starts.tolist(), batch.lengths.tolist()
     for row, members in enumerate(bins):
@@ -64,14 +70,20 @@ def build_rows(batch: TokenBatch, bins: Sequence[Sequence[int]], *, seq_len: int
             row_positions[cursor : cursor + n] = ramp[:n]
             cursor += n
         row_positions[cursor:] = ramp[: seq_len - cursor]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return out
+
+
+def plan_rows(lengths: Sequence[int], *, seq_len: int, packing: bool, rng: np.random.Generator) -> list[list[int]]:
+    """The rows of a window of examples, in their seeded order: packed (best fit) or one example per row."""
+    if packing:
+        bins = best_fit_decreasing(lengths, seq_len, rng=rng)
+    else:
+        bins = [[i] for i in range(len(lengths))]
+    order = rng.permutation(len(bins))
+    return [bins[i] for i in order]
 
 
 def pack(batch: TokenBatch, *, seq_len: int, pad_id: int, packing: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Rows for a window of examples: packed (best fit) or one example per row, in seeded order."""
-    if packing:
-        bins = best_fit_decreasing(batch.lengths, seq_len, rng=rng)
-    else:
-        bins = [[i] for i in range(len(batch))]
-    order = rng.permutation(len(bins))
-    return build_rows(batch, [bins[i] for i in order], seq_len=seq_len, pad_id=pad_id)
+    """Rows for a window of examples, as new arrays."""
+    bins = plan_rows(batch.lengths, seq_len=seq_len, packing=packing, rng=rng)
+    return build_rows(batch, bins, seq_len=seq_len, pad_id=pad_id)

@@ -25,7 +25,7 @@ import numpy as np
 from pipelora.config import JobSpec
 from pipelora.dataprep.encoder import Encoder, PendingWindow
 from pipelora.dataprep.errors import BadInputError, DataprepError, OutputExistsError
-from pipelora.dataprep.packing import pack
+from pipelora.dataprep.packing import build_rows, plan_rows
 from pipelora.dataprep.readers import DatasetFile, RawRecord, count_records, fetch_dataset, read_records
 from pipelora.dataprep.records import Example, RecordError, alpaca_example, chat_example
 from pipelora.dataprep.shards import MANIFEST, ShardWriter, rows_per_shard
@@ -36,7 +36,7 @@ from pipelora.storage import Storage, join_uri, storage_for
 
 FORMAT_VERSION = 1  # bump when the bytes written for the same inputs change
 READ_WINDOW = 2048  # records validated and tokenized together
-IN_FLIGHT = 2  # windows being encoded while the next is read
+IN_FLIGHT = 4  # windows being encoded while the next is read (slack for a pack or a shard write)
 AUTO_WORKERS_BYTES = 8 * 1024 * 1024  # smaller datasets: no worker (workers cost a second to start)
 PACK_WINDOW = 16384  # examples packed together (per split)
 @dataclass(frozen=True)
@@ -109,13 +109,20 @@ class _SplitPacker:
             return
         rng = np.random.default_rng([self.seed, self.split_index, self.windows])
         batch = TokenBatch.concat(self.pending)
-        self.writer.add(pack(batch, seq_len=self.seq_len, pad_id=self.pad_id, packing=self.packing, rng=rng))
+        bins = plan_rows(batch.lengths, seq_len=self.seq_len, packing=self.packing, rng=rng)
+
+        def write(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            build_rows(batch, bins[lo:hi], seq_len=self.seq_len, pad_id=self.pad_id, out=out)
+
+        self.writer.fill(len(bins), write)  # rows are built in the shard's buffer
         self.pending, self.pending_count = [], 0
         self.windows += 1
 
 
-def _fit(batch: TokenBatch, *, seq_len: int, overlong: str, stats: Stats) -> TokenBatch:
-    """Apply dataset.overlong; an example left with no trainable token is dropped (and counted)."""
+def _fit(batch: TokenBatch, *, seq_len: int, overlong: str, stats: Stats) -> tuple[TokenBatch, np.ndarray]:
+    """Apply dataset.overlong; an example left with no trainable token is dropped (and counted).
+
+    Returns the kept examples and their trainable-token counts (a pass over every label, done once)."""
     over = batch.lengths > seq_len
     keep = np.ones(len(batch), dtype=bool)
     if over.any():
@@ -125,10 +132,14 @@ def _fit(batch: TokenBatch, *, seq_len: int, overlong: str, stats: Stats) -> Tok
         else:
             stats.truncated += int(over.sum())
             batch = TokenBatch(batch.ids, batch.labels, batch.starts, np.minimum(batch.lengths, seq_len))
-    empty = keep & (batch.label_counts() == 0)
+    counts = batch.label_counts()
+    empty = keep & (counts == 0)
     stats.no_labels += int(empty.sum())
     keep &= ~empty
-    return batch if keep.all() else batch.take(np.flatnonzero(keep))
+    if keep.all():
+        return batch, counts
+    kept_at = np.flatnonzero(keep)
+    return batch.take(kept_at), counts[kept_at]
 
 
 def _check_bad(stats: Stats, spec: JobSpec, uri: str, *, final: bool) -> None:
@@ -318,7 +329,7 @@ def _use_window(size: int, sources: list[RawRecord], pending: PendingWindow, *, 
     for position, error in encoded.errors:
         stats.note_bad(sources[position].where, str(error))
     stats.examples += len(encoded.batch)
-    kept = _fit(encoded.batch, seq_len=d.seq_len, overlong=d.overlong, stats=stats)
+    kept, label_counts = _fit(encoded.batch, seq_len=d.seq_len, overlong=d.overlong, stats=stats)
     _check_bad(stats, spec, d.uri, final=False)
     before = state["kept"]
     n_eval = eval_target(before + len(kept), d.eval_fraction) - eval_target(before, d.eval_fraction)
@@ -328,7 +339,7 @@ def _use_window(size: int, sources: list[RawRecord], pending: PendingWindow, *, 
     is_eval = np.zeros(len(kept), dtype=bool)
     is_eval[rng.choice(len(kept), size=min(n_eval, len(kept)), replace=False)] = True
     stats.note_lengths(kept.lengths)
-    stats.label_tokens += int(kept.label_counts().sum())
+    stats.label_tokens += int(label_counts.sum())
     for split, chosen in (("train", ~is_eval), ("eval", is_eval)):
         chosen_at = np.flatnonzero(chosen)
         # a view keeps the window's arrays alive: copy out small selections (the eval share)

@@ -40,6 +40,11 @@ def _string(record: dict[str, Any], key: str, *, required: bool) -> str:
 
 def alpaca_example(record: Any) -> AlpacaExample:
     """`instruction`, optional `input`, `output`: the Stanford Alpaca record."""
+    if type(record) is dict:  # the common, valid record in a few checks; anything else gets the full ones
+        instruction, text_input, output = record.get("instruction"), record.get("input"), record.get("output")
+        if (type(instruction) is str and type(output) is str and (text_input is None or type(text_input) is str)
+                and instruction and output and not instruction.isspace() and not output.isspace()):
+            return AlpacaExample(instruction, text_input or "", output)
     if not isinstance(record, dict):
         raise RecordError(f"record is a {type(record).__name__}, not an object with instruction/input/output")
     instruction = _string(record, "instruction", required=True)

@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,8 @@ class ShardWriter:
         self.split = split
         self.seq_len = seq_len
         self.rows_per_shard = rows_per_shard
-        self._buffers: list[dict[str, np.ndarray]] = []
-        self._buffered = 0
+        self._shard: dict[str, np.ndarray] | None = None  # one shard's rows, filled in place and reused
+        self._filled = 0
         self._pending: list[tuple[str, int, Future[ObjectInfo]]] = []
         # One upload at a time while tokenization goes on; at most two shards are held in memory.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"upload-{split}")
@@ -69,31 +70,40 @@ class ShardWriter:
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         count = len(rows["input_ids"])
-        if not count:
-            return
         for name in FIELDS:
             if rows[name].shape != (count, self.seq_len):
                 raise ValueError(f"{name} has shape {rows[name].shape}, expected ({count}, {self.seq_len})")
-        self._buffers.append(rows)
-        self._buffered += count
-        while self._buffered >= self.rows_per_shard:
-            self._flush(self.rows_per_shard)
 
-    def _take(self, count: int) -> dict[str, np.ndarray]:
-        merged = {name: np.concatenate([b[name] for b in self._buffers]) for name in FIELDS}
-        head = {name: np.ascontiguousarray(merged[name][:count], dtype=np.int32) for name in FIELDS}
-        rest = {name: merged[name][count:] for name in FIELDS}
-        self._buffers = [rest] if len(rest["input_ids"]) else []
-        self._buffered -= count
-        return head
+        def copy(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            for name in FIELDS:
+                out[name][:] = rows[name][lo:hi]
 
-    def _flush(self, count: int) -> None:
+        self.fill(count, copy)
+
+    def fill(self, count: int, write: Callable[[dict[str, np.ndarray], int, int], None]) -> None:
+        """Append `count` rows that `write(out, lo, hi)` puts into `out` (rows lo..hi, in the shard buffer)."""
+        done = 0
+        while done < count:
+            if self._shard is None:
+                self._shard = {name: np.empty((self.rows_per_shard, self.seq_len), np.int32) for name in FIELDS}
+            n = min(count - done, self.rows_per_shard - self._filled)
+            write({name: self._shard[name][self._filled : self._filled + n] for name in FIELDS}, done, done + n)
+            self._filled += n
+            done += n
+            if self._filled == self.rows_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Serialize the filled rows (a copy), so the buffer is free again for the next shard's rows."""
         from safetensors.numpy import save
 
-        tensors = self._take(count)
+        assert self._shard is not None
+        count = self._filled
+        tensors = {name: self._shard[name][:count] for name in FIELDS}  # leading rows: contiguous views
         name = shard_name(self.split, len(self._pending))
         # one metadata key: safetensors writes its metadata map in hash order, and shards must be byte-stable
         data = save(tensors, metadata={"split": self.split})
+        self._filled = 0
         uri = join_uri(self.data_uri, name)
         if self._pending:
             self._pending[-1][2].result()  # back-pressure (and upload errors surface here, early)
@@ -103,8 +113,8 @@ class ShardWriter:
     def close(self) -> tuple[list[ObjectInfo], dict[str, Any]]:
         """Write what is buffered, wait for every upload; returns objects and the split's manifest entry."""
         try:
-            if self._buffered:
-                self._flush(self._buffered)
+            if self._filled:
+                self._flush()
             infos = [future.result() for _, _, future in self._pending]
         finally:
             self._pool.shutdown(wait=True)

@@ -39,22 +39,33 @@ def alpaca_prompt(example: AlpacaExample) -> str:
     return PROMPT_NO_INPUT.format(instruction=example.instruction)
 
 
-def encode_alpaca(
-    backend: Any, examples: Sequence[AlpacaExample], *, bos: Sequence[int], eos: int, train_on_inputs: bool
-) -> TokenBatch:
-    """BOS + prompt + reply + EOS per example; labels only on reply and EOS unless train_on_inputs."""
+def alpaca_texts(examples: Sequence[AlpacaExample]) -> list[str]:
+    """Prompt and reply of each example, alternating: the pieces the encoder sees."""
     texts: list[str] = []
     for example in examples:
         texts.append(alpaca_prompt(example))
         texts.append(example.output)
+    return texts
+
+
+def encode_texts(backend: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All pieces' ids back to back (int32) and each piece's length: the encoder's work, nothing more."""
     # Offsets are only needed to find chat replies; skipping them halves the encoder's work.
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     pieces = [e.ids for e in encode(texts, add_special_tokens=False)]
-    count = len(examples)
-    piece_lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=2 * count)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def assemble_alpaca(
+    flat: np.ndarray, piece_lengths: np.ndarray, *, bos: Sequence[int], eos: int, train_on_inputs: bool
+) -> TokenBatch:
+    """BOS + prompt + reply + EOS per example from alternating pieces; labels only on reply and EOS
+    unless train_on_inputs. Whole-window numpy, so it costs little beside the encoder."""
+    count = len(piece_lengths) // 2
     prompt_lengths = piece_lengths[0::2]
-    body = prompt_lengths + piece_lengths[1::2]  # prompt and reply are adjacent in `pieces`
-    flat = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(piece_lengths.sum()))
+    body = prompt_lengths + piece_lengths[1::2]  # prompt and reply are adjacent in `flat`
     # BOS before each body and EOS after it, inserted in one pass (EOS_k before BOS_k+1 at equal index).
     nbos = len(bos)
     body_starts = np.cumsum(body) - body
@@ -71,6 +82,14 @@ def encode_alpaca(
     marks[starts + masked] = -1  # strictly inside each example: a reply has at least one token
     labels = np.where(np.cumsum(marks[:-1], dtype=np.int8) > 0, IGNORE, ids).astype(np.int32)
     return TokenBatch(ids, labels, starts, lengths)
+
+
+def encode_alpaca(
+    backend: Any, examples: Sequence[AlpacaExample], *, bos: Sequence[int], eos: int, train_on_inputs: bool
+) -> TokenBatch:
+    """BOS + prompt + reply + EOS per example, in one process (the pieces are encoded separately)."""
+    flat, piece_lengths = encode_texts(backend, alpaca_texts(examples))
+    return assemble_alpaca(flat, piece_lengths, bos=bos, eos=eos, train_on_inputs=train_on_inputs)
 
 
 def render_chat(tokenizer: Any, example: Example) -> tuple[str, list[Span]]:
