@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen, *, timeout: float) -> bool:
+    """True once 127.0.0.1:`port` accepts connections; False if `proc` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def wait_for_port() -> Callable[..., bool]:
+    """`wait_for_port(port, proc, timeout=s)`: for tests that start a server process of their own."""
+    return _wait_for_port
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server process on a free loopback port; boto3 talks real HTTP to it."""
@@ -34,16 +53,9 @@ def s3_endpoint() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.2)
+    if not _wait_for_port(port, proc, timeout=60):
+        proc.kill()
+        raise RuntimeError("moto server did not start")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

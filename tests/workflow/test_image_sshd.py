@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +55,9 @@ def keygen(path: Path, kind: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def worker(
+    tmp_path_factory: pytest.TempPathFactory, wait_for_port: Callable[..., bool]
+) -> Iterator[dict[str, object]]:
     """sshd started like the worker container, on a free port, with a Secret-like ~/.ssh."""
     sshd = sshd_binary()
     home = tmp_path_factory.mktemp("home")
@@ -88,15 +90,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, objec
             [sshd, "-De", "-f", str(home / ".sshd" / "sshd_config")], stdout=out, stderr=out
         )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"sshd did not start: {log.read_text()}")
-                time.sleep(0.1)
+        if not wait_for_port(port, proc, timeout=30):
+            pytest.fail(f"sshd did not start: {log.read_text()}")
         yield {
             "home": home,
             "client": client,
