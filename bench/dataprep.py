@@ -15,8 +15,10 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from itertools import chain
 from pathlib import Path
@@ -88,6 +90,18 @@ def datasets_map(tokenizer, records: list[dict], *, seq_len: int) -> int:
         return sum(len(ids) for ids in out["input_ids"])
 
 
+def profile_parent(run: Callable[[], object]) -> None:
+    """Where the parent spends a run: time blocked on the workers' results shows as lock `acquire`."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.runcall(run)
+    emit("profiled_run_seconds", time.perf_counter() - started, "s")
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-format JSON array")
@@ -95,6 +109,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one dataprep run's parent process (cProfile) and print its top entries")
     args = parser.parse_args()
 
     from pipelora.config import spec_from_dict
@@ -139,6 +155,8 @@ def main() -> None:
                                         .manifest["stats"]["tokens"])
             tokens["map"] = timed("map", lambda: datasets_map(tokenizer, records, seq_len=args.seq_len))
         pool.shutdown()
+        if args.profile:
+            profile_parent(lambda: run_dataprep(spec, overwrite=True, workers=args.workers))
         rate = {k: tokens[k] / best[k] for k in best}
         common = {"records": len(records), "rounds": args.rounds}
         emit("raw_encode_tokens_per_s", rate["raw"], "tokens/s", workers=args.workers, **common)

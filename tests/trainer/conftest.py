@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 def mpirun_prefix(np_: int) -> list[str]:
     if shutil.which("mpirun") is None:
-        pytest.skip("mpirun (Open MPI) is not installed; `make setup` installs openmpi-bin")
+        pytest.fail("mpirun (Open MPI) is not installed; `make setup` installs openmpi-bin")
     cmd = ["mpirun", "--oversubscribe", "-np", str(np_)]
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
