@@ -12,7 +12,7 @@ import difflib
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,6 +26,9 @@ from pydantic import (
 )
 
 from pipelora.errors import PipeloraError
+
+if TYPE_CHECKING:
+    from pipelora.layout import RunLayout
 
 # A release name becomes pod names such as `<name>-dataprep-<5 chars>` and
 # `<name>-worker-<index>`, and `job-name` labels (63 chars at most). 40 leaves room for all.
@@ -258,6 +261,13 @@ class JobSpec(_Section):
         from pipelora.storage import join_uri
 
         return join_uri(self.storage.uri, self.name)
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run's artifacts live (the one definition, in `pipelora.layout`)."""
+        from pipelora.layout import RunLayout
+
+        return RunLayout(self.run_uri)
 
     def run_path(self, *parts: str) -> str:
         """URI of something inside this run's folder (`data/manifest.json`, `adapter`...)."""

@@ -69,6 +69,14 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_against_marker(uri: str, *, size: int, sha256: str, meta: dict[str, Any], marker_uri: str) -> None:
+    """Raise unless an object's size and sha256 are the ones its marker recorded."""
+    if meta.get("size") is not None and int(meta["size"]) != size:
+        raise StorageError(f"{uri} is {size} bytes but {marker_uri} recorded {meta['size']}; it was modified")
+    if meta.get("sha256") and sha256 != meta["sha256"]:
+        raise StorageError(f"{uri} does not match the sha256 recorded in {marker_uri}; it was modified")
+
+
 class Storage:
     """Operations on full URIs of one scheme. Get one with `open_storage`."""
 
@@ -147,6 +155,22 @@ class Storage:
         if not self.exists(marker_uri):
             return None
         return self.read_json(marker_uri)
+
+    def read_verified(self, marker_uri: str, marker: dict[str, Any], name: str) -> bytes:
+        """The bytes of `name` (relative to the marker's folder), checked against the marker's record.
+
+        The one place a committed object is checked against its marker: readers of checkpoints
+        and shards go through here (or `check_against_marker` for files they hash themselves).
+        """
+        folder = marker_uri.rsplit("/", 1)[0]
+        uri = join_uri(folder, name)
+        meta = marker.get("files", {}).get(name)
+        if meta is None:
+            raise StorageError(f"{marker_uri} does not name {name}; it was committed by a different writer")
+        data = self.read_bytes(uri)
+        check_against_marker(uri, size=len(data), sha256=hashlib.sha256(data).hexdigest(), meta=meta,
+                             marker_uri=marker_uri)
+        return data
 
     def verify_committed(self, marker_uri: str) -> dict:
         """Check every object a marker names by size and sha256; raise on the first mismatch."""
