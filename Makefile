@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test lint demo clean
 
-setup: $(STAMP) $(BIN)/helm
+setup: $(STAMP) $(BIN)/helm containers
 	@command -v mpirun >/dev/null || $(MAKE) --no-print-directory openmpi
 
 $(STAMP): pyproject.toml
@@ -33,11 +33,40 @@ openmpi:
 	$(SUDO) apt-get update -q
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openmpi-bin openssh-client
 
+# Containers: podman with runc builds the image and runs the release's pods here (no registry, no
+# cluster). Each entry is `a command or file that shows it is installed:its Debian package`;
+# only missing ones are installed (GitHub runners bring their own runc with Docker, for instance).
+CONTAINER_TOOLS := podman:podman runc:runc debootstrap:debootstrap /usr/sbin/sshd:openssh-server \
+	newuidmap:uidmap slirp4netns:slirp4netns iptables:iptables \
+	/usr/lib/podman/netavark:netavark /usr/lib/podman/aardvark-dns:aardvark-dns
+CPU_IMAGE ?= localhost/pipelora-k8s:dev-cpu
+
+.PHONY: containers base-image image
+containers:
+	@missing=""; for entry in $(CONTAINER_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${entry%%:*}" >/dev/null 2>&1 || missing="$$missing $${entry##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@python3 scripts/containers_conf.py --check 2>/dev/null || $(SUDO) python3 scripts/containers_conf.py
+
+# The local stand-in for the image's Debian base (debootstrap + podman import), made once.
+base-image: containers
+	scripts/base_image.sh "$$(sed -n 's/^ARG DEBIAN_BASE=//p' Dockerfile)"
+
+# The CPU image from the Dockerfile, with podman (layer cache: a code change rebuilds in seconds).
+image: containers
+	scripts/build_image.sh $(CPU_IMAGE)
+
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # The main job end to end on this machine: tiny model + generated dataset (made if absent), dataprep,
 # 2 pipeline stages on CPU with mpirun, adapter export, loss-curve PNG. Re-running starts training afresh.

@@ -13,20 +13,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelora.dataprep.tokens import IGNORE, TokenBatch
+from pipelora.dataprep.tokens import TokenBatch
+from pipelora.rows import IGNORE_INDEX, ROW_DTYPE, ROW_FIELDS, mask_sequence_starts
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int, *, rng: np.random.Generator) -> list[list[int]]:
     """Bins of item indices, each bin's lengths summing to at most `capacity`."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and lengths.max() > capacity:
-        raise ValueError(f"an item of length {int(lengths.max())} exceeds the capacity {capacity}")
-    tie = rng.random(len(lengths))
-    order = np.lexsort((tie, -lengths))
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if len(sizes) and sizes.max() > capacity:
+        raise ValueError(f"an item of length {int(sizes.max())} exceeds the capacity {capacity}")
+    tie = rng.random(len(sizes))
+    order = np.lexsort((tie, -sizes))
     bins: list[list[int]] = []
     open_bins: list[tuple[int, int]] = []  # (remaining, bin id), sorted: bisect finds the best fit
     for item in order.tolist():
-        size = int(lengths[item])
+        size = int(sizes[item])
         at = bisect.bisect_left(open_bins, (size, -1))
         if at < len(open_bins):
             remaining, bin_id = open_bins.pop(at)
@@ -44,17 +45,19 @@ def build_rows(
     batch: TokenBatch, bins: Sequence[Sequence[int]], *, seq_len: int, pad_id: int,
     out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rows for `bins`: sequences back to back, then padding as its own segment (labels IGNORE).
+    """Rows for `bins`: sequences back to back, then padding as its own segment (labels IGNORE_INDEX).
 
     `out`: arrays of len(bins) rows to fill (a shard's buffer: no second copy); new ones otherwise.
     Slice copies per example (memcpy) beat index gathers over every token by several times.
+    The first label of every sequence is masked by `pipelora.rows.mask_sequence_starts`, so shards
+    carry final labels; a reader applying the same function again changes nothing (it is idempotent).
     """
     count = len(bins)
     if out is None:
-        out = {name: np.empty((count, seq_len), dtype=np.int32) for name in ("input_ids", "labels", "position_ids")}
+        out = {name: np.empty((count, seq_len), dtype=ROW_DTYPE) for name in ROW_FIELDS}
     input_ids, labels, position_ids = out["input_ids"], out["labels"], out["position_ids"]
     input_ids.fill(pad_id)
-    labels.fill(IGNORE)
+    labels.fill(IGNORE_INDEX)
     ramp = np.arange(seq_len, dtype=np.int32)
     starts, lengths = batch.starts.tolist(), batch.lengths.tolist()
     for row, members in enumerate(bins):
@@ -66,10 +69,10 @@ def build_rows(
                 raise ValueError(f"row {row} would hold more than seq_len {seq_len} tokens")
             row_ids[cursor : cursor + n] = batch.ids[start : start + n]
             row_labels[cursor : cursor + n] = batch.labels[start : start + n]
-            row_labels[cursor] = IGNORE  # a sequence never learns to predict its neighbour's last token
             row_positions[cursor : cursor + n] = ramp[:n]
             cursor += n
         row_positions[cursor:] = ramp[: seq_len - cursor]
+    mask_sequence_starts(labels, position_ids)
     return out
 
 
@@ -81,9 +84,3 @@ def plan_rows(lengths: Sequence[int], *, seq_len: int, packing: bool, rng: np.ra
         bins = [[i] for i in range(len(lengths))]
     order = rng.permutation(len(bins))
     return [bins[i] for i in order]
-
-
-def pack(batch: TokenBatch, *, seq_len: int, pad_id: int, packing: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Rows for a window of examples, as new arrays."""
-    bins = plan_rows(batch.lengths, seq_len=seq_len, packing=packing, rng=rng)
-    return build_rows(batch, bins, seq_len=seq_len, pad_id=pad_id)

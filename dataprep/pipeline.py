@@ -28,17 +28,19 @@ from pipelora.dataprep.errors import BadInputError, DataprepError, OutputExistsE
 from pipelora.dataprep.packing import build_rows, plan_rows
 from pipelora.dataprep.readers import DatasetFile, RawRecord, count_records, fetch_dataset, read_records
 from pipelora.dataprep.records import Example, RecordError, alpaca_example, chat_example
-from pipelora.dataprep.shards import MANIFEST, ShardWriter, rows_per_shard
+from pipelora.dataprep.shards import ShardWriter, manifest_uri, rows_per_shard
 from pipelora.dataprep.stats import SPLITS, Stats, summary_line
 from pipelora.dataprep.tokenizer import TokenizerInfo, fetch_tokenizer_files, load_tokenizer, tokenizer_info
 from pipelora.dataprep.tokens import TokenBatch
-from pipelora.storage import Storage, join_uri, storage_for
+from pipelora.storage import Storage, storage_for
 
 FORMAT_VERSION = 1  # bump when the bytes written for the same inputs change
 READ_WINDOW = 2048  # records validated and tokenized together
 IN_FLIGHT = 4  # windows being encoded while the next is read (slack for a pack or a shard write)
 AUTO_WORKERS_BYTES = 8 * 1024 * 1024  # smaller datasets: no worker (workers cost a second to start)
 PACK_WINDOW = 16384  # examples packed together (per split)
+
+
 @dataclass(frozen=True)
 class DataprepResult:
     manifest: dict[str, Any]
@@ -164,8 +166,8 @@ def _progress(total: int | None) -> Any:
 
 def _existing(storage: Storage, data_uri: str, fp: str, *, overwrite: bool) -> dict[str, Any] | None:
     """The committed manifest when it has our fingerprint; clears `data/` when it will be rewritten."""
-    manifest_uri = join_uri(data_uri, MANIFEST)
-    manifest = storage.read_marker(manifest_uri)
+    marker = manifest_uri(data_uri)
+    manifest = storage.read_marker(marker)
     if manifest is not None and not overwrite:
         if manifest.get("fingerprint") == fp:
             return manifest
@@ -177,7 +179,7 @@ def _existing(storage: Storage, data_uri: str, fp: str, *, overwrite: bool) -> d
     # No manifest: leftovers of an interrupted run were never committed; with --overwrite, the old data goes
     # (manifest first, so no reader ever sees a manifest naming deleted shards).
     if manifest is not None:
-        storage.delete_prefix(manifest_uri)
+        storage.delete_prefix(marker)
     storage.delete_prefix(data_uri)
     return None
 
@@ -231,10 +233,8 @@ def run_dataprep(
     """
     started = time.perf_counter()
     d = spec.dataset
-    if d.template == "alpaca" and d.format == "messages":
-        raise DataprepError("dataset.template 'alpaca' needs format 'alpaca'; use template: chat for messages data")
     storage = storage_for(spec, spec.run_uri)
-    data_uri = spec.run_path("data")
+    data_uri = spec.layout.data
     with tempfile.TemporaryDirectory(prefix="pipelora-dataprep-") as scratch:
         dataset_storage = storage_for(spec, d.uri)
         dataset = fetch_dataset(dataset_storage, d.uri, scratch=Path(scratch))
@@ -275,7 +275,7 @@ def run_dataprep(
             raise
     extra = _manifest_fields(spec, stats=stats, entries=entries, fingerprint=fp, dataset=dataset, info=info,
                              seconds=time.perf_counter() - started)
-    manifest = storage.commit(join_uri(data_uri, MANIFEST), objects, extra)
+    manifest = storage.commit(spec.layout.manifest, objects, extra)
     return DataprepResult(manifest, False, summary_line(manifest))
 
 

@@ -9,12 +9,10 @@ cache keyed by that sha256, so every rank of every run reads verified bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,14 @@ from typing import Any
 import numpy as np
 
 from pipelora.dataprep.errors import ShardsError
+from pipelora.layout import MANIFEST_NAME, shard_name
+from pipelora.rows import ROW_DTYPE, ROW_FIELDS
+from pipelora.safetensors_header import NUMPY_DTYPES, SafetensorsHeaderError, read_file_header
 from pipelora.storage import (
     ObjectInfo,
     Storage,
     StorageError,
+    check_against_marker,
     is_s3,
     join_uri,
     local_path,
@@ -33,17 +35,16 @@ from pipelora.storage import (
     sha256_file,
 )
 
-FIELDS = ("input_ids", "labels", "position_ids")
-MANIFEST = "manifest.json"
 SHARD_BYTES = 64 * 1024 * 1024  # bounded shards: uploaded as they complete, cached one by one
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.safetensors"
-
-
 def rows_per_shard(seq_len: int, *, shard_bytes: int = SHARD_BYTES) -> int:
-    return max(1, shard_bytes // (len(FIELDS) * 4 * seq_len))
+    return max(1, shard_bytes // (len(ROW_FIELDS) * np.dtype(ROW_DTYPE).itemsize * seq_len))
+
+
+def manifest_uri(data_uri: str) -> str:
+    """The manifest of a run's `data/` folder (its name is the layout's)."""
+    return join_uri(data_uri, MANIFEST_NAME)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -70,12 +71,12 @@ class ShardWriter:
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         count = len(rows["input_ids"])
-        for name in FIELDS:
+        for name in ROW_FIELDS:
             if rows[name].shape != (count, self.seq_len):
                 raise ValueError(f"{name} has shape {rows[name].shape}, expected ({count}, {self.seq_len})")
 
         def copy(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
-            for name in FIELDS:
+            for name in ROW_FIELDS:
                 out[name][:] = rows[name][lo:hi]
 
         self.fill(count, copy)
@@ -85,9 +86,9 @@ class ShardWriter:
         done = 0
         while done < count:
             if self._shard is None:
-                self._shard = {name: np.empty((self.rows_per_shard, self.seq_len), np.int32) for name in FIELDS}
+                self._shard = {name: np.empty((self.rows_per_shard, self.seq_len), ROW_DTYPE) for name in ROW_FIELDS}
             n = min(count - done, self.rows_per_shard - self._filled)
-            write({name: self._shard[name][self._filled : self._filled + n] for name in FIELDS}, done, done + n)
+            write({name: self._shard[name][self._filled : self._filled + n] for name in ROW_FIELDS}, done, done + n)
             self._filled += n
             done += n
             if self._filled == self.rows_per_shard:
@@ -99,7 +100,7 @@ class ShardWriter:
 
         assert self._shard is not None
         count = self._filled
-        tensors = {name: self._shard[name][:count] for name in FIELDS}  # leading rows: contiguous views
+        tensors = {name: self._shard[name][:count] for name in ROW_FIELDS}  # leading rows: contiguous views
         name = shard_name(self.split, len(self._pending))
         # one metadata key: safetensors writes its metadata map in hash order, and shards must be byte-stable
         data = save(tensors, metadata={"split": self.split})
@@ -131,25 +132,17 @@ class ShardWriter:
 
 # -- reading ------------------------------------------------------------------------------------
 
-_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "U8": np.uint8, "F32": np.float32}
-
-
 def map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of a safetensors file (the format is a JSON header, then raw bytes)."""
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
+    """Memory-map every tensor of a safetensors file: only the rows asked for are ever read."""
     out: dict[str, np.ndarray] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        dtype = np.dtype(_DTYPES[meta["dtype"]]).newbyteorder("<")
-        shape = tuple(meta["shape"])
-        if end == start:
-            out[name] = np.zeros(shape, dtype=dtype)
+    for name, entry in read_file_header(str(path)).items():
+        if entry.dtype not in NUMPY_DTYPES:
+            raise SafetensorsHeaderError(f"{path} holds {name} as {entry.dtype}, which shards never use")
+        dtype = np.dtype(NUMPY_DTYPES[entry.dtype])
+        if entry.end == entry.start:
+            out[name] = np.zeros(entry.shape, dtype=dtype)
         else:
-            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + start, shape=shape)
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=entry.start, shape=entry.shape)
     return out
 
 
@@ -180,7 +173,8 @@ class _ShardStore:
             return local_path(uri)
         cache = self.cache_dir or Path(os.environ.get("PIPELORA_CACHE", Path(tempfile.gettempdir()) / "pipelora-cache"))
         cache.mkdir(parents=True, exist_ok=True)
-        target = cache / f"{sha or hashlib.sha256(uri.encode()).hexdigest()}.safetensors"
+        # content-addressed: two runs with the same shard bytes share one cached copy
+        target = cache / ((sha or hashlib.sha256(uri.encode()).hexdigest()) + Path(name).suffix)
         if not target.exists():
             partial = cache / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
             self.storage.download_file(uri, partial)
@@ -192,22 +186,31 @@ class _ShardStore:
             if index in self._maps:
                 return self._maps[index]
             name = self.names[index]
-            sha = self.manifest.get("files", {}).get(name, {}).get("sha256")
+            uri = join_uri(self.data_uri, name)
+            meta = self.manifest.get("files", {}).get(name)
+            if meta is None:
+                raise ShardsError(
+                    f"{manifest_uri(self.data_uri)} lists shard {name} but records no size or sha256 for it; "
+                    "run dataprep again with --overwrite"
+                )
             try:
-                path = self._local_file(name, sha)
+                path = self._local_file(name, meta.get("sha256"))
             except StorageError as exc:
                 raise ShardsError(f"cannot fetch shard {name} of {self.data_uri}: {exc}") from None
             if not path.is_file():
-                raise ShardsError(f"shard {join_uri(self.data_uri, name)} is missing; run dataprep again with --overwrite")
-            if sha and sha256_file(path) != sha:
+                raise ShardsError(f"shard {uri} is missing; run dataprep again with --overwrite")
+            try:  # the local copy is hashed here; the comparison is the one every marker reader uses
+                check_against_marker(uri, size=path.stat().st_size, sha256=sha256_file(path), meta=meta,
+                                     marker_uri=manifest_uri(self.data_uri))
+            except StorageError as exc:
                 if is_s3(self.data_uri):
-                    path.unlink(missing_ok=True)
-                raise ShardsError(
-                    f"shard {join_uri(self.data_uri, name)} does not match the sha256 in its manifest; "
-                    "it was modified or truncated: run dataprep again with --overwrite"
-                )
-            tensors = map_safetensors(path)
-            missing = [f for f in FIELDS if f not in tensors]
+                    path.unlink(missing_ok=True)  # a bad cached copy is fetched again next time
+                raise ShardsError(f"shard {exc} or truncated: run dataprep again with --overwrite") from None
+            try:
+                tensors = map_safetensors(path)
+            except SafetensorsHeaderError as exc:
+                raise ShardsError(f"shard {uri} is unreadable ({exc}); run dataprep again with --overwrite") from None
+            missing = [f for f in ROW_FIELDS if f not in tensors]
             if missing:
                 raise ShardsError(f"shard {name} of {self.data_uri} lacks tensors {missing}")
             self._maps[index] = tensors
@@ -217,7 +220,7 @@ class _ShardStore:
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         tensors = self._mapped(shard)
         local = index - int(self.offsets[shard])
-        return {name: np.array(tensors[name][local], dtype=np.int32) for name in FIELDS}
+        return {name: np.array(tensors[name][local], dtype=ROW_DTYPE) for name in ROW_FIELDS}
 
 
 class ShardDataset:
@@ -245,7 +248,7 @@ class ShardDataset:
         i = i % n
         return self._store.row(i if self._indices is None else int(self._indices[i]))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]
 
@@ -267,7 +270,7 @@ class ShardDataset:
 
 def read_manifest(data_uri: str, *, endpoint_url: str | None = None) -> dict[str, Any] | None:
     storage = open_storage(data_uri, endpoint_url=endpoint_url)
-    return storage.read_marker(join_uri(data_uri, MANIFEST))
+    return storage.read_marker(manifest_uri(data_uri))
 
 
 def open_shards(
@@ -280,12 +283,12 @@ def open_shards(
     """Open the prepared rows of `split` under a run's `data/` folder (local or s3://)."""
     storage = open_storage(data_uri, endpoint_url=endpoint_url)
     try:
-        manifest = storage.read_marker(join_uri(data_uri, MANIFEST))
+        manifest = storage.read_marker(manifest_uri(data_uri))
     except StorageError as exc:
         raise ShardsError(f"cannot read the data manifest of {data_uri}: {exc}") from None
     if manifest is None:
         raise ShardsError(
-            f"no data manifest at {join_uri(data_uri, MANIFEST)}: run dataprep first "
+            f"no data manifest at {manifest_uri(data_uri)}: run dataprep first "
             "(pipelora-k8s dataprep --config job.yaml)"
         )
     splits = manifest.get("splits", {})

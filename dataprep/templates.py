@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from pipelora.dataprep.records import AlpacaExample, ChatExample, Example, RecordError, alpaca_as_chat
-from pipelora.dataprep.tokens import IGNORE, TokenBatch
+from pipelora.dataprep.tokens import TokenBatch
+from pipelora.rows import IGNORE_INDEX
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -80,7 +81,7 @@ def assemble_alpaca(
     marks = np.zeros(len(ids) + 1, dtype=np.int8)
     marks[starts] = 1
     marks[starts + masked] = -1  # strictly inside each example: a reply has at least one token
-    labels = np.where(np.cumsum(marks[:-1], dtype=np.int8) > 0, IGNORE, ids).astype(np.int32)
+    labels = np.where(np.cumsum(marks[:-1], dtype=np.int8) > 0, IGNORE_INDEX, ids).astype(np.int32)
     return TokenBatch(ids, labels, starts, lengths)
 
 
@@ -135,8 +136,8 @@ def encode_chat(backend: Any, rendered: Sequence[tuple[str, list[Span]]], *, tra
         trainable = np.full(len(ids), train_on_inputs, dtype=bool)
         for start, end in spans:
             trainable |= (offsets[:, 1] > start) & (offsets[:, 0] < end)
-        labels = np.where(trainable, ids, IGNORE).astype(np.int32)
-        if len(labels):
-            labels[0] = IGNORE
+        labels = np.where(trainable, ids, IGNORE_INDEX).astype(np.int32)
+        if len(labels):  # never a target once packed (rows.mask_sequence_starts), so never counted
+            labels[0] = IGNORE_INDEX
         pairs.append((ids, labels))
     return TokenBatch.from_pairs(pairs)

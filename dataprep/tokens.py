@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE = -100
+from pipelora.rows import IGNORE_INDEX
 
 
 def ragged_arange(lengths: np.ndarray) -> np.ndarray:
@@ -68,7 +68,7 @@ class TokenBatch:
 
     def label_counts(self) -> np.ndarray:
         """Trainable tokens per example (within each example's current length)."""
-        counted = np.concatenate([[0], np.cumsum(self.labels != IGNORE)])
+        counted = np.concatenate([[0], np.cumsum(self.labels != IGNORE_INDEX)])
         return counted[self.starts + self.lengths] - counted[self.starts]
 
     def select(self, indices: np.ndarray) -> TokenBatch:

@@ -10,7 +10,7 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 
@@ -58,7 +58,8 @@ def spec_options(func: F) -> F:
 def show_warnings() -> None:
     """Spec warnings print as one `warning:` line each, not Python's file:line format."""
 
-    def _show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    def _show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              file: TextIO | None = None, line: str | None = None) -> None:
         prefix = "warning: " if issubclass(category, SpecWarning) else f"{category.__name__}: "
         print(prefix + str(message), file=sys.stderr)
 

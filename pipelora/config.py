@@ -26,8 +26,11 @@ from pydantic import (
 )
 
 from pipelora.errors import PipeloraError
+from pipelora.families import known_linear_names, model_problems, unknown_targets
 
 if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
     from pipelora.layout import RunLayout
 
 # A release name becomes pod names such as `<name>-dataprep-<5 chars>` and
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
 MAX_NAME_LENGTH = 40
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 KNOWN_SCHEMES = ("s3://", "file://")
+# dataset.template → the dataset.format values it can render. `alpaca` fills the Alpaca prompt
+# from instruction/input/output fields; `chat` renders either format through the chat template.
+TEMPLATE_FORMATS: dict[str, tuple[str, ...]] = {"alpaca": ("alpaca",), "chat": ("alpaca", "messages")}
 
 
 class ConfigError(PipeloraError):
@@ -134,6 +140,15 @@ class DatasetSpec(_Section):
     def _uri(cls, v: str) -> str:
         return check_uri(v, "dataset.uri")
 
+    @model_validator(mode="after")
+    def _template_fits_format(self) -> DatasetSpec:
+        if self.format not in TEMPLATE_FORMATS[self.template]:
+            raise ValueError(
+                f"dataset.template '{self.template}' cannot render dataset.format '{self.format}' records; "
+                "use template: chat for messages data"
+            )
+        return self
+
 
 class LoraSpec(_Section):
     r: Annotated[int, positive("lora.r", "8 to 64 is usual")] = 16
@@ -146,6 +161,13 @@ class LoraSpec(_Section):
     def _targets(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("lora.target_modules is an empty list; name modules (q_proj, v_proj...) or use all-linear")
+        known = known_linear_names()
+        unknown = unknown_targets(v, known)
+        if unknown:
+            raise ValueError(
+                f"lora.target_modules names {', '.join(unknown)}, which are not linear layers of a supported "
+                f"decoder layer; use all-linear or some of {', '.join(known)}"
+            )
         return v
 
 
@@ -183,6 +205,10 @@ class TrainingSpec(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     seed: int = 1234
     checkpoint_every_steps: int = Field(default=100, ge=1)
+    checkpoint_every_minutes: float | None = Field(
+        default=None, gt=0,
+        description="Also checkpoint when this much time passed since the last one (whichever comes first).",
+    )
     keep_checkpoints: int = Field(default=3, ge=1)
     eval_every_steps: int = Field(default=100, ge=1)
     eval_batches: int = Field(default=8, ge=1, description="Micro-batches per eval pass.")
@@ -192,6 +218,16 @@ class TrainingSpec(_Section):
     )
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="0 disables clipping.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _no_unscaled_fp16(cls, v: str) -> str:
+        if v == "fp16":
+            raise ValueError(
+                "training.dtype 'fp16' is not supported: without loss scaling fp16 gradients underflow and "
+                "training silently stalls; use bf16 (GPUs of the Ampere generation and newer) or fp32"
+            )
+        return v
 
 
 class ClusterSpec(_Section):
@@ -209,7 +245,7 @@ class ClusterSpec(_Section):
 
 def parallel_problems(p: ParallelSpec) -> list[str]:
     """Cross-field rules of the parallel section, each as one sentence with the fix."""
-    problems = []
+    problems: list[str] = []
     if p.world_size % p.stages:
         problems.append(
             f"parallel: nodes x gpus_per_node = {p.nodes} x {p.gpus_per_node} = {p.world_size} ranks "
@@ -296,7 +332,7 @@ def _closest_key(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, str
     return bad, match[0] if match else None
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = tuple(p for p in err["loc"])
     where = ".".join(str(p) for p in loc) or "spec"
     kind = err["type"]
@@ -306,7 +342,7 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{where}: unknown key '{bad}'{hint}"
     if kind == "missing":
         return f"{where}: required field is missing"
-    msg = err["msg"]
+    msg: str = err["msg"]
     if kind == "value_error":
         return msg.removeprefix("Value error, ")  # our validators write whole sentences naming the field
     return f"{where}: {msg} (got {err.get('input')!r})"
@@ -356,7 +392,7 @@ def spec_from_dict(
             messages += [m for m in parallel_problems(parallel) if m not in messages]
         raise ConfigError(messages, source=source) from None
     p = spec.parallel
-    if p.micro_batches < 2 * p.stages:
+    if p.stages > 1 and p.micro_batches < 2 * p.stages:  # one stage has no pipeline, so no bubble
         bubble = (p.stages - 1) / (p.micro_batches + p.stages - 1)
         warnings.warn(
             f"parallel.micro_batches ({p.micro_batches}) is below 2 x stages ({2 * p.stages}): the pipeline "
@@ -384,6 +420,34 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> J
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{path} is not valid YAML{where}: {problem}"], source=str(path)) from None
     return spec_from_dict(data if data is not None else {}, overrides=overrides, source=str(path))
+
+
+def check_against_model(spec: JobSpec) -> bool:
+    """The rules that need the model's `config.json` (its family, and the LoRA targets it has).
+
+    Raises ConfigError listing every problem. Where the config cannot be read (storage out of
+    reach, no credentials, no model there yet), warns that the model went unchecked and returns
+    False: the trainer checks the same rules when it loads the model.
+    """
+    from pipelora.storage import join_uri, storage_for
+
+    where = join_uri(spec.model.uri, "config.json")
+    try:
+        config = storage_for(spec, spec.model.uri).read_json(where)
+    except PipeloraError as exc:
+        warnings.warn(
+            f"could not check the model ({exc}); its model_type and lora.target_modules are checked when "
+            "training starts",
+            SpecWarning,
+            stacklevel=2,
+        )
+        return False
+    if not isinstance(config, dict):
+        raise ConfigError([f"model.uri: {where} is not a JSON object; point model.uri at a Hugging Face model folder"])
+    problems = model_problems(config, spec.lora.target_modules, where=where)
+    if problems:
+        raise ConfigError(problems)
+    return True
 
 
 def json_schema() -> dict[str, Any]:

@@ -21,7 +21,8 @@ def mask_sequence_starts(labels: np.ndarray, position_ids: np.ndarray) -> np.nda
     The model predicts token t+1 from position t, so the label at a sequence's first position is
     what the *previous* sequence's last token would be trained to predict: its neighbour's first
     token, across a boundary attention never crosses. Masking it keeps a packed row's loss equal
-    to the sum of its sequences' unpacked losses.
+    to the sum of its sequences' unpacked losses. The writer (dataprep) applies it to every row it
+    packs; a reader may apply it again (it is idempotent) to guard rows from other writers.
     """
     labels[position_ids == 0] = IGNORE_INDEX
     return labels

@@ -49,13 +49,19 @@ def read_header(read: Callable[[int, int], bytes], where: str) -> dict[str, Tens
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SafetensorsHeaderError(f"{where} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError(f"{where} has a corrupt safetensors header (not a JSON object)")
     base = 8 + length
     entries: dict[str, TensorEntry] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        entries[name] = TensorEntry(name, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
+        try:
+            begin, end = meta["data_offsets"]
+            entries[name] = TensorEntry(name, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]),
+                                        base + int(begin), base + int(end))
+        except (TypeError, KeyError, ValueError):
+            raise SafetensorsHeaderError(f"{where} has a corrupt safetensors header (tensor {name!r})") from None
     return entries
 
 

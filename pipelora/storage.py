@@ -8,22 +8,32 @@ object it names is in place, and records each one's size and sha256 so readers c
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import urlparse
 
 from pipelora.errors import PipeloraError
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
 CHUNK = 8 * 1024 * 1024
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
 
 class StorageError(PipeloraError):
@@ -61,12 +71,24 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def _file_chunks(path: str | Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+def _digest(chunks: Iterable[bytes]) -> tuple[int, str]:
+    """Size and sha256 of a stream of chunks: hashing never holds a whole object in memory."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return _digest(_file_chunks(path))[1]
 
 
 def check_against_marker(uri: str, *, size: int, sha256: str, meta: dict[str, Any], marker_uri: str) -> None:
@@ -94,6 +116,10 @@ class Storage:
         raise NotImplementedError
 
     def download_file(self, uri: str, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def read_chunks(self, uri: str) -> Iterator[bytes]:
+        """The object's bytes in pieces of at most CHUNK bytes, for whoever needs them only once."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> list[ObjectInfo]:
@@ -126,13 +152,20 @@ class Storage:
     def write_json(self, uri: str, data: Any) -> ObjectInfo:
         return self.write_bytes(uri, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def checksum(self, uri: str) -> ObjectInfo:
+        """The object's size and sha256, streamed (a checkpoint shard can be larger than memory)."""
+        size, sha256 = _digest(self.read_chunks(uri))
+        return ObjectInfo(uri, size, sha256)
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
         """Names of the immediate sub-folders under `prefix` (derived from object keys)."""
         base = prefix.rstrip("/") + "/"
         names = {o.uri[len(base) :].split("/", 1)[0] for o in self.list(prefix) if "/" in o.uri[len(base) :]}
         return sorted(names)
 
-    def commit(self, marker_uri: str, objects: Iterable[ObjectInfo], extra: dict[str, Any] | None = None) -> dict:
+    def commit(
+        self, marker_uri: str, objects: Iterable[ObjectInfo], extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write `marker_uri` naming `objects` (relative to the marker's folder) with sizes and sha256.
 
         Each object is checked to be present with the size that was written before the marker
@@ -150,11 +183,14 @@ class Storage:
         self.write_json(marker_uri, marker)
         return marker
 
-    def read_marker(self, marker_uri: str) -> dict | None:
+    def read_marker(self, marker_uri: str) -> dict[str, Any] | None:
         """The commit marker's content, or None when the set was never committed."""
         if not self.exists(marker_uri):
             return None
-        return self.read_json(marker_uri)
+        marker = self.read_json(marker_uri)
+        if not isinstance(marker, dict):
+            raise StorageError(f"{marker_uri} is not a commit marker (a JSON object); it was not written by pipelora")
+        return marker
 
     def read_verified(self, marker_uri: str, marker: dict[str, Any], name: str) -> bytes:
         """The bytes of `name` (relative to the marker's folder), checked against the marker's record.
@@ -172,17 +208,16 @@ class Storage:
                              marker_uri=marker_uri)
         return data
 
-    def verify_committed(self, marker_uri: str) -> dict:
-        """Check every object a marker names by size and sha256; raise on the first mismatch."""
+    def verify_committed(self, marker_uri: str) -> dict[str, Any]:
+        """Check every object a marker names by size and sha256 (streamed); raise on the first mismatch."""
         marker = self.read_marker(marker_uri)
         if marker is None:
             raise StorageError(f"{marker_uri} does not exist: nothing was committed there")
         folder = marker_uri.rsplit("/", 1)[0]
         for name, meta in marker.get("files", {}).items():
             uri = join_uri(folder, name)
-            digest = hashlib.sha256(self.read_bytes(uri)).hexdigest()
-            if meta.get("sha256") and digest != meta["sha256"]:
-                raise StorageError(f"{uri} does not match the sha256 recorded in {marker_uri}; it was modified")
+            size, sha256 = _digest(self.read_chunks(uri))
+            check_against_marker(uri, size=size, sha256=sha256, meta=meta, marker_uri=marker_uri)
         return marker
 
 
@@ -260,13 +295,22 @@ class LocalStorage(Storage):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
 
+    def read_chunks(self, uri: str) -> Iterator[bytes]:
+        path = self._path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri} does not exist")
+        try:
+            yield from _file_chunks(path)
+        except OSError as exc:
+            raise StorageError(f"cannot read {uri}: {exc.strerror}") from None
+
     def list(self, prefix: str) -> list[ObjectInfo]:
         root = self._path(prefix)
         if root.is_file():
             return [ObjectInfo(prefix, root.stat().st_size)]
         if not root.is_dir():
             return []
-        out = []
+        out: builtins.list[ObjectInfo] = []
         for path in root.rglob("*"):
             if path.is_file() and not path.name.startswith("."):
                 out.append(ObjectInfo(self._uri(prefix, path), path.stat().st_size))
@@ -305,6 +349,9 @@ class S3Storage(Storage):
         from botocore.config import Config
 
         self.endpoint_url = endpoint_url
+        # What this client learnt about buckets belongs to its endpoint: never shared between instances.
+        self._known_buckets: set[str] = set()
+        self._bucket_lock = threading.Lock()
         attempts = int(os.environ.get("PIPELORA_S3_MAX_ATTEMPTS", "5"))
         config = Config(
             retries={"mode": "adaptive", "max_attempts": attempts},
@@ -313,7 +360,7 @@ class S3Storage(Storage):
             max_pool_connections=32,
         )
         session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self.client: S3Client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=CHUNK * 2, max_concurrency=8
         )
@@ -348,7 +395,7 @@ class S3Storage(Storage):
             )
         return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
 
-    def _call(self, action: str, uri: str, fn, *args, **kwargs):
+    def _call(self, action: str, uri: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -373,8 +420,6 @@ class S3Storage(Storage):
     def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
         bucket, key = split_s3(uri)
         if len(data) >= MULTIPART_THRESHOLD:
-            import io
-
             self._call("write", uri, self.client.upload_fileobj, io.BytesIO(data), bucket, key, Config=self.transfer)
         else:
             self._call("write", uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
@@ -392,6 +437,15 @@ class S3Storage(Storage):
         tmp = f"{path}.part"
         self._call("read", uri, self.client.download_file, bucket, key, tmp, Config=self.transfer)
         os.replace(tmp, path)
+
+    def read_chunks(self, uri: str) -> Iterator[bytes]:
+        bucket, key = split_s3(uri)
+        body = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
+        try:
+            while chunk := self._call("read", uri, body.read, CHUNK):
+                yield chunk
+        finally:
+            body.close()
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         bucket, key = split_s3(prefix)
@@ -426,16 +480,16 @@ class S3Storage(Storage):
             raise self._error(exc, uri, "read") from None
         return ObjectInfo(uri, int(head["ContentLength"]))
 
-    _known_buckets: set[str] = set()
-    _bucket_lock = threading.Lock()
-
     def _require_bucket(self, bucket: str, uri: str) -> None:
-        if bucket in self._known_buckets:
-            return
-        from botocore.exceptions import ClientError
+        with self._bucket_lock:
+            if bucket in self._known_buckets:
+                return
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_bucket(Bucket=bucket)
+        except BotoCoreError as exc:
+            raise self._error(exc, uri, "read") from None
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404:
@@ -448,23 +502,37 @@ class S3Storage(Storage):
             self._known_buckets.add(bucket)
 
     def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; raise naming the keys S3 refused (DeleteObjects reports
+        per-key failures in a successful response, so they are read, not assumed away)."""
         bucket, _ = split_s3(prefix)
         objects = self.list(prefix)
-        for start in range(0, len(objects), 1000):
-            batch = [{"Key": split_s3(o.uri)[1]} for o in objects[start : start + 1000]]
-            self._call("delete", prefix, self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+        refused: builtins.list[str] = []
+        for start in range(0, len(objects), DELETE_BATCH):
+            batch: builtins.list[ObjectIdentifierTypeDef] = [
+                {"Key": split_s3(o.uri)[1]} for o in objects[start : start + DELETE_BATCH]
+            ]
+            resp = self._call("delete", prefix, self.client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+            refused += [f"{e.get('Key', '?')} ({e.get('Code', 'error')})" for e in resp.get("Errors", [])]
+        if refused:
+            shown = ", ".join(refused[:10]) + (f" and {len(refused) - 10} more" if len(refused) > 10 else "")
+            raise StorageError(
+                f"cannot delete {len(refused)} of {len(objects)} objects under {prefix}: {shown}; "
+                "check the credentials, the bucket policy and object locks"
+            )
         return len(objects)
 
 
-_cache: dict[tuple[str, str | None, str | None], Storage] = {}
+# S3 backends are shared per (endpoint_url, region): boto3 clients are thread-safe, and a client
+# with what it learnt about buckets belongs to exactly one endpoint, so two endpoints never share state.
+_cache: dict[tuple[str | None, str | None], S3Storage] = {}
 _cache_lock = threading.Lock()
 
 
 def open_storage(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> Storage:
-    """The backend for `uri`'s scheme; S3 clients are shared per endpoint (they are thread-safe)."""
+    """The backend for `uri`'s scheme; one S3 backend per (endpoint_url, region)."""
     if not is_s3(uri):
         return LocalStorage()
-    key = ("s3", endpoint_url, region)
+    key = (endpoint_url, region)
     with _cache_lock:
         if key not in _cache:
             _cache[key] = S3Storage(endpoint_url=endpoint_url, region=region)

@@ -1,42 +1,114 @@
 """Checkpoints in object storage: every rank uploads its part, rank 0 commits, nothing else counts.
 
-Layout of `<run>/checkpoints/step-<NNNNNNNN>/`: `stage-SS-lora.safetensors` (the stage's LoRA
-weights under PEFT names) and `stage-SS-optim.pt` (optimizer + scheduler) from each stage's
-first data-parallel replica, `rank-RRRRR-rng.pt` from every rank, and `COMMITTED` (written last
-by rank 0 with sizes and sha256 of all of them, plus the step, data position and histories).
-A folder without `COMMITTED` is an interrupted save: it is never read and never pruned.
+A checkpoint folder (`RunLayout.checkpoint(step)`) holds `stage-SS-lora.safetensors` (the stage's
+LoRA weights under PEFT names) and `stage-SS-optim.pt` (optimizer + scheduler) from each stage's
+first data-parallel replica, `rank-RRRRR-rng.pt` from every rank, and the commit marker
+(`RunLayout.checkpoint_marker(step)`), written last by rank 0: sizes and sha256 of all of them
+plus `CheckpointMeta` (step, topology, data position, loss histories). A folder without its
+marker is an interrupted save: it is never read and never pruned.
+
+This module owns the marker's schema and the rule for which checkpoints a run may resume from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
-import re
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from pipelora.layout import RunLayout, parse_step_dir
 from pipelora.storage import ObjectInfo, Storage, join_uri
 from pipelora.trainer.errors import TrainerError
 
-MARKER = "COMMITTED"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+# A (step, loss) history, as the progress file and the marker both keep it.
+History = list[list[float]]
+_REQUIRED = ("step", "stages", "data_parallel", "bounds")
 
 
-def step_dir(checkpoints_uri: str, step: int) -> str:
-    return join_uri(checkpoints_uri, f"step-{step:08d}")
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What the commit marker records besides its files: enough to check that a run may resume
+    from the checkpoint and to continue it exactly (data position, loss histories)."""
+
+    step: int
+    stages: int
+    data_parallel: int
+    bounds: tuple[int, ...]  # the pipeline cut: stage s owned items [bounds[s], bounds[s+1])
+    consumed_micro_batches: int = 0
+    epoch: int = 0
+    row_in_epoch: int = 0
+    losses: History = field(default_factory=list)
+    eval_losses: History = field(default_factory=list)
+    saved_at: float = 0.0
+
+    def to_marker(self) -> dict[str, Any]:
+        """The marker's fields (`Storage.commit` adds `files`)."""
+        return {
+            "step": self.step, "stages": self.stages, "data_parallel": self.data_parallel,
+            "bounds": list(self.bounds), "consumed_micro_batches": self.consumed_micro_batches,
+            "epoch": self.epoch, "row_in_epoch": self.row_in_epoch, "losses": self.losses,
+            "eval_losses": self.eval_losses, "saved_at": self.saved_at,
+        }
+
+    @classmethod
+    def from_marker(cls, marker: dict[str, Any], *, where: str) -> CheckpointMeta:
+        """The meta of a marker read from `where`; a marker of another schema is one clear error."""
+        missing = [key for key in _REQUIRED if key not in marker]
+        if missing:
+            raise TrainerError(
+                f"the marker of checkpoint {where} has no {', '.join(missing)}; it was not written by this trainer: "
+                "use a new run name"
+            )
+        try:
+            return cls(
+                step=int(marker["step"]), stages=int(marker["stages"]), data_parallel=int(marker["data_parallel"]),
+                bounds=tuple(int(b) for b in marker["bounds"]),
+                consumed_micro_batches=int(marker.get("consumed_micro_batches", 0)),
+                epoch=int(marker.get("epoch", 0)), row_in_epoch=int(marker.get("row_in_epoch", 0)),
+                losses=[list(x) for x in marker.get("losses", [])],
+                eval_losses=[list(x) for x in marker.get("eval_losses", [])],
+                saved_at=float(marker.get("saved_at", 0.0)),
+            )
+        except (TypeError, ValueError):
+            raise TrainerError(
+                f"the marker of checkpoint {where} has malformed fields; it was not written by this trainer: "
+                "use a new run name"
+            ) from None
+
+    def check_compatible(self, *, stages: int, data_parallel: int, bounds: tuple[int, ...], where: str) -> None:
+        """Refuse a checkpoint cut differently from this run: its per-stage files would not fit."""
+        have = (self.stages, self.data_parallel, list(self.bounds))
+        want = (stages, data_parallel, list(bounds))
+        if have != want:
+            raise TrainerError(
+                f"checkpoint {where} was written with {have[0]} stages x {have[1]} data-parallel (items {have[2]}), "
+                f"this run has {want[0]} x {want[1]} ({want[2]}); resume with the same parallel settings or use a "
+                "new run name"
+            )
 
 
-def committed_steps(storage: Storage, checkpoints_uri: str) -> list[int]:
-    """Steps with a COMMITTED marker, oldest first."""
+def new_meta(*, step: int, stages: int, data_parallel: int, bounds: tuple[int, ...], data_position: dict[str, int],
+             losses: History, eval_losses: History) -> CheckpointMeta:
+    """The meta of a checkpoint saved now; `data_position` is the data stream's `state()`."""
+    return CheckpointMeta(step=step, stages=stages, data_parallel=data_parallel, bounds=tuple(bounds),
+                          consumed_micro_batches=data_position.get("consumed_micro_batches", 0),
+                          epoch=data_position.get("epoch", 0), row_in_epoch=data_position.get("row_in_epoch", 0),
+                          losses=losses, eval_losses=eval_losses, saved_at=time.time())
+
+
+def committed_steps(storage: Storage, layout: RunLayout) -> list[int]:
+    """Steps with a commit marker, oldest first."""
     steps = []
-    for name in storage.list_dirs(checkpoints_uri):
-        match = STEP_DIR.match(name)
-        if match and storage.exists(join_uri(checkpoints_uri, name, MARKER)):
-            steps.append(int(match.group(1)))
+    for name in storage.list_dirs(layout.checkpoints):
+        step = parse_step_dir(name)
+        if step is not None and storage.exists(layout.checkpoint_marker(step)):
+            steps.append(step)
     return sorted(steps)
 
 
@@ -82,49 +154,58 @@ def stage_files(*, stage: int, rank: int, write_stage: bool, lora: dict[str, tor
     return files
 
 
-def upload(storage: Storage, folder: str, files: dict[str, bytes]) -> list[ObjectInfo]:
+def upload(storage: Storage, layout: RunLayout, step: int, files: dict[str, bytes]) -> list[ObjectInfo]:
+    folder = layout.checkpoint(step)
     return [storage.write_bytes(join_uri(folder, name), data) for name, data in files.items()]
 
 
-def prune(storage: Storage, checkpoints_uri: str, *, keep: int) -> list[int]:
+def commit(storage: Storage, layout: RunLayout, objects: list[ObjectInfo], meta: CheckpointMeta) -> None:
+    """Make a checkpoint visible: its marker names every rank's objects, written after all of them."""
+    storage.commit(layout.checkpoint_marker(meta.step), objects, meta.to_marker())
+
+
+def prune(storage: Storage, layout: RunLayout, *, keep: int) -> list[int]:
     """Delete the oldest committed checkpoints beyond `keep`; the marker goes first."""
-    steps = committed_steps(storage, checkpoints_uri)
+    steps = committed_steps(storage, layout)
     removed = steps[:-keep] if keep > 0 else []
     for step in removed:
-        folder = step_dir(checkpoints_uri, step)
-        storage.delete_prefix(join_uri(folder, MARKER))
-        storage.delete_prefix(folder)
+        storage.delete_prefix(layout.checkpoint_marker(step))
+        storage.delete_prefix(layout.checkpoint(step))
     return removed
 
 
 class CommittedCheckpoint:
-    """A committed checkpoint, read file by file with each file's sha256 checked against the marker."""
+    """A committed checkpoint, read file by file, each file verified against the marker."""
 
-    def __init__(self, storage: Storage, folder: str, marker: dict[str, Any]) -> None:
-        self.storage, self.folder, self.marker = storage, folder, marker
+    def __init__(self, storage: Storage, layout: RunLayout, step: int, marker: dict[str, Any]) -> None:
+        self.storage: Storage = storage
+        self.folder: str = layout.checkpoint(step)
+        self.marker_uri: str = layout.checkpoint_marker(step)
+        self.marker: dict[str, Any] = marker
+        self.meta: CheckpointMeta = CheckpointMeta.from_marker(marker, where=self.folder)
 
     def _bytes(self, name: str) -> bytes:
-        meta = self.marker.get("files", {}).get(name)
-        if meta is None:
-            raise TrainerError(f"checkpoint {self.folder} has no {name}; it was written by a different topology")
-        data = self.storage.read_bytes(join_uri(self.folder, name))
-        if meta.get("sha256") and hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise TrainerError(f"{join_uri(self.folder, name)} does not match its sha256 in {MARKER}; it was modified")
-        return data
+        return self.storage.read_verified(self.marker_uri, self.marker, name)
 
     def lora(self, stage: int) -> dict[str, torch.Tensor]:
         return load_safetensors(self._bytes(lora_name(stage)))
 
     def optim(self, stage: int) -> dict[str, Any]:
-        return torch.load(io.BytesIO(self._bytes(optim_name(stage))), weights_only=True)
+        """The stage's optimizer and scheduler states."""
+        return _load_torch(self._bytes(optim_name(stage)))
 
     def rng(self, rank: int) -> dict[str, Any]:
-        return torch.load(io.BytesIO(self._bytes(rng_name(rank))), weights_only=True)
+        return _load_torch(self._bytes(rng_name(rank)))
 
 
-def open_committed(storage: Storage, checkpoints_uri: str, step: int) -> CommittedCheckpoint:
-    folder = step_dir(checkpoints_uri, step)
-    marker = storage.read_marker(join_uri(folder, MARKER))
+def _load_torch(data: bytes) -> dict[str, Any]:
+    # weights_only: a checkpoint is data, never code, even one somebody else wrote to the bucket.
+    state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return state
+
+
+def open_committed(storage: Storage, layout: RunLayout, step: int) -> CommittedCheckpoint:
+    marker = storage.read_marker(layout.checkpoint_marker(step))
     if marker is None:
-        raise TrainerError(f"checkpoint {folder} is not committed")
-    return CommittedCheckpoint(storage, folder, marker)
+        raise TrainerError(f"checkpoint {layout.checkpoint(step)} is not committed")
+    return CommittedCheckpoint(storage, layout, step, marker)

@@ -24,11 +24,17 @@ def train(spec: JobSpec) -> None:
     Example:
       mpirun -np 2 pipelora-k8s train --config job.yaml --stages 2 --gpus-per-node 2
     """
+    from pipelora.trainer.errors import Preempted
     from pipelora.trainer.loop import train as run_training
     from pipelora.trainer.ranks import discover
 
     try:
         run_training(spec)
+    except Preempted as exc:
+        click.echo(f"[rank {discover().rank}] {exc}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except PipeloraError as exc:
         # Other ranks may be inside collectives: leave at once so the launcher ends the job.
         rank = discover().rank

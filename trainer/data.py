@@ -17,22 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelora.rows import ROW_FIELDS, mask_sequence_starts
 from pipelora.trainer.errors import TrainerError
-from pipelora.trainer.layers import IGNORE_INDEX
 
 Batch = tuple[Any, Any]
+INPUT_IDS, LABELS, POSITION_IDS = ROW_FIELDS
 
 
 def _stack(rows: list[dict[str, np.ndarray]], *, inputs: bool, labels: bool) -> Batch:
-    ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
-    pos = torch.from_numpy(np.stack([r["position_ids"] for r in rows]).astype(np.int64))
-    first: Any = (ids, pos) if inputs else None
+    ids = torch.from_numpy(np.stack([r[INPUT_IDS] for r in rows]).astype(np.int64))
+    pos = np.stack([r[POSITION_IDS] for r in rows]).astype(np.int64)
+    first: Any = (ids, torch.from_numpy(pos)) if inputs else None
     second: Any = None
     if labels:
-        lab = torch.from_numpy(np.stack([r["labels"] for r in rows]).astype(np.int64))
-        # A token that opens a packed sequence is never a target of the previous sequence.
-        lab[pos == 0] = IGNORE_INDEX
-        second = lab
+        lab = np.stack([r[LABELS] for r in rows]).astype(np.int64)
+        # The shard writer applies the same rule; applying it again (it is idempotent) keeps rows
+        # from any source from training one packed sequence to predict the start of the next.
+        second = torch.from_numpy(mask_sequence_starts(lab, pos))
     return first, second
 
 
@@ -64,7 +65,8 @@ class MicroBatchStream(Iterator[Batch]):
 
     def _produce(self, start: int) -> None:
         index = start
-        epoch, view = -1, None
+        epoch = -1
+        view: Any = None
         try:
             while not self._stop.is_set():
                 e, k = divmod(index, self.per_epoch)

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipelora.trainer.presets import Family, Preset, preset_config
-
-INDEX = "model.safetensors.index.json"
+from pipelora.trainer.weights import INDEX, SINGLE
 
 
 def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
@@ -90,7 +89,7 @@ def write_random_model(
         files.append((path.name, list(shard), sum(t.numel() * t.element_size() for t in shard.values())))
         del shard
     if len(files) == 1:
-        tmp_names[0].replace(out / "model.safetensors")
+        tmp_names[0].replace(out / SINGLE)
         (out / INDEX).unlink(missing_ok=True)
         return out
     total = len(files)
@@ -101,5 +100,5 @@ def write_random_model(
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": sum(f[2] for f in files)}, "weight_map": weight_map}
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (out / "model.safetensors").unlink(missing_ok=True)
+    (out / SINGLE).unlink(missing_ok=True)
     return out

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipelora.rows import IGNORE_INDEX
+from pipelora.trainer.compat import call_decoder_layer, family_classes
 from pipelora.trainer.lora import PEFT_PREFIX, inject_lora
 from pipelora.trainer.weights import CheckpointReader
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,6 @@ class LoraSettings:
     alpha: float
     dropout: float
     seed: int
-
-
-def family_classes(config: Any) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
-    """(decoder layer, RMSNorm, rotary embedding) classes of the config's model family."""
-    if config.model_type == "llama":
-        from transformers.models.llama import modeling_llama as m
-
-        return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
-    from transformers.models.mistral import modeling_mistral as m
-
-    return m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding
 
 
 def block_causal_mask(position_ids: torch.Tensor, *, sliding_window: int | None = None) -> torch.Tensor:
@@ -114,7 +103,7 @@ class DecoderPipe(nn.Module):
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         mask = block_causal_mask(position_ids, sliding_window=self.sliding_window)
         cos_sin = self.rotary(hidden, position_ids)
-        return self.layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=cos_sin)
+        return call_decoder_layer(self.layer, hidden, attention_mask=mask, position_ids=position_ids, rope=cos_sin)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load as load_safetensors
 
+from pipelora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipelora.storage import Storage, join_uri
-from pipelora.trainer.adapter import CONFIG, WEIGHTS
 from pipelora.trainer.errors import TrainerError
 from pipelora.trainer.layers import LocalModel, LoraSettings, build_layer, lora_state
 from pipelora.trainer.weights import CheckpointReader, read_model_config
@@ -29,10 +29,10 @@ def build_local_model(storage: Storage, model_uri: str, *, lora: LoraSettings,
 def load_local_adapter(storage: Storage, model_uri: str, adapter_uri: str, *, dtype: torch.dtype = torch.float32,
                        device: str = "cpu") -> LocalModel:
     """The base model with an exported adapter's LoRA weights (r, alpha, targets from its config)."""
-    cfg = storage.read_json(join_uri(adapter_uri, CONFIG))
+    cfg = storage.read_json(join_uri(adapter_uri, ADAPTER_CONFIG))
     lora = LoraSettings(tuple(cfg["target_modules"]), int(cfg["r"]), float(cfg["lora_alpha"]), 0.0, 0)
     model = build_local_model(storage, model_uri, lora=lora, dtype=dtype, device=device)
-    weights = load_safetensors(storage.read_bytes(join_uri(adapter_uri, WEIGHTS)))
+    weights = load_safetensors(storage.read_bytes(join_uri(adapter_uri, ADAPTER_WEIGHTS)))
     params = lora_state(model)
     if set(weights) != set(params):
         missing = sorted(set(params) - set(weights))[:3]

@@ -16,11 +16,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pipelora.families import known_linear_names
 from pipelora.trainer.errors import TrainerError
 
-# The linear layers of a Mistral/Llama decoder layer; PEFT's `all-linear` means all of them
-# (it excludes only the output layer, lm_head).
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linear layers of a supported decoder layer (the family table is pipelora.families); PEFT's
+# `all-linear` means all of them (it excludes only the output layer, lm_head).
+LINEAR_NAMES = known_linear_names()
 PEFT_PREFIX = "base_model.model."
 
 

@@ -1,4 +1,8 @@
-"""DeepSpeed's pipeline module with our partition, topology and per-stage construction."""
+"""DeepSpeed's pipeline module with our partition, topology and per-stage construction.
+
+The DeepSpeed internals this needs (its topology class, the hook that cuts the model) are reached
+through `pipelora.trainer.compat`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pipelora.trainer import compat
 from pipelora.trainer.layers import DecoderPipe, EmbeddingPipe, HeadPipe, LoraSettings, causal_lm_loss
 from pipelora.trainer.partition import Partition
 from pipelora.trainer.weights import CheckpointReader
@@ -15,9 +20,7 @@ def topology(*, stages: int, data_parallel: int) -> Any:
     """Ranks laid out data-major: one pipeline's stages sit on consecutive ranks (so on one node
     where they fit), since activations cross stages every micro-batch while the LoRA gradient
     all-reduce across replicas is tiny."""
-    from deepspeed.runtime.pipe.topology import ProcessTopology
-
-    return ProcessTopology(axes=["data", "pipe"], dims=[data_parallel, stages])
+    return compat.data_major_topology(stages=stages, data_parallel=data_parallel)
 
 
 def layer_specs(config: Any, reader: CheckpointReader, *, dtype: torch.dtype, device: torch.device,
@@ -34,19 +37,8 @@ def layer_specs(config: Any, reader: CheckpointReader, *, dtype: torch.dtype, de
 
 
 def pipeline_module(specs: list[Any], partition: Partition, *, data_parallel: int) -> Any:
-    """A PipelineModule cut at `partition.bounds` (DeepSpeed's own methods balance parameters)."""
-    from deepspeed.pipe import PipelineModule
-
-    class BalancedPipelineModule(PipelineModule):
-        def _partition_layers(self, method: str = "uniform") -> None:
-            self.parts = list(partition.bounds)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    return BalancedPipelineModule(
-        layers=specs,
-        topology=topology(stages=partition.stages, data_parallel=data_parallel),
-        loss_fn=causal_lm_loss,
-        partition_method="uniform",
-        activation_checkpoint_interval=0,
-    )
+    """A PipelineModule cut at `partition.bounds` (DeepSpeed's own methods balance parameters,
+    not compute)."""
+    return compat.pipeline_module_cut_at(partition.bounds, layers=specs,
+                                         topology=topology(stages=partition.stages, data_parallel=data_parallel),
+                                         loss_fn=causal_lm_loss)

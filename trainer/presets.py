@@ -40,7 +40,8 @@ def preset_config(family: Family, preset: Preset) -> Any:
     from transformers import LlamaConfig, MistralConfig
 
     shape = dict(_SEVEN_B[family]) if preset == "7b" else dict(_SHAPES[preset])
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5 if family == "llama" else 1e-6)
+    common: dict[str, Any] = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+                                  rms_norm_eps=1e-5 if family == "llama" else 1e-6)
     if family == "mistral":
         shape.setdefault("sliding_window", None)
         return MistralConfig(**common, **shape, tie_word_embeddings=False)

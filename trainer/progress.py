@@ -1,12 +1,11 @@
-"""What a running job tells people: one log line per step per stage, and `progress.json`."""
+"""What a running job tells people: one log line per step per stage, and the run's progress file."""
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -25,19 +24,31 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+# Where a rank's lines go besides stdout (its pod's relay, the run's durable log): see rank_output.
+_sinks: list[LineSink] = []
+
+
+class LineSink(Protocol):
+    def write(self, line: str) -> None: ...
+
+
+def add_sink(sink: LineSink) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: LineSink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
 def emit(line: str) -> None:
-    """stdout, and a copy to PIPELORA_MIRROR_LOG (a worker pod's main process output) when set."""
+    """stdout (the launcher's log, through mpirun), then every attached sink."""
     # One write per line: ranks share the launcher's output, and separate writes of the text and
     # its newline (unbuffered stdout) would interleave lines of different ranks.
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-    mirror = os.environ.get("PIPELORA_MIRROR_LOG")
-    if mirror:
-        try:
-            with open(mirror, "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-        except OSError:
-            pass
+    for sink in list(_sinks):
+        sink.write(line)
 
 
 def step_line(*, stage: int, stages: int, dp: int, dps: int, step: int, max_steps: int, loss: float, lr: float,
@@ -47,7 +58,8 @@ def step_line(*, stage: int, stages: int, dp: int, dps: int, step: int, max_step
 
 
 class Progress:
-    """`<run>/progress.json`, written by rank 0: at most every `interval` s, and on every event."""
+    """The run's progress file (`RunLayout.progress`), written by rank 0: at most every `interval` s,
+    and on every event."""
 
     def __init__(self, storage: Storage, uri: str, *, max_steps: int, interval: float = 5.0) -> None:
         self.storage, self.uri, self.interval = storage, uri, interval

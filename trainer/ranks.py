@@ -1,7 +1,8 @@
 """Who am I in the job: rank, world size and rendezvous address from the launcher's environment.
 
 mpirun (Open MPI), MPICH/Intel MPI, torchrun and the deepspeed launcher each name these
-differently; the MPI Operator's launcher passes a hostfile whose first host is rank 0's node.
+differently; the MPI Operator's launcher passes a hostfile whose first host is rank 0's node
+(its path and the rendezvous port are the launch contract, `pipelora.launch`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_HOSTFILE = "/etc/mpi/hostfile"
-DEFAULT_PORT = 29500
+from pipelora.launch import CLUSTER_HOSTFILE, MASTER_PORT
 
 _RANK_VARS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -55,9 +55,9 @@ def discover(env: Mapping[str, str] | None = None) -> RankInfo:
             break
     addr = env.get("MASTER_ADDR")
     if not addr:
-        hostfile = env.get("PIPELORA_HOSTFILE") or (DEFAULT_HOSTFILE if Path(DEFAULT_HOSTFILE).exists() else None)
+        hostfile = env.get("PIPELORA_HOSTFILE") or (CLUSTER_HOSTFILE if Path(CLUSTER_HOSTFILE).exists() else None)
         addr = (first_host(hostfile) if hostfile else None) or "127.0.0.1"
-    port = int(env.get("MASTER_PORT") or DEFAULT_PORT)
+    port = int(env.get("MASTER_PORT") or MASTER_PORT)
     return RankInfo(rank=rank, world_size=world, local_rank=local, master_addr=addr, master_port=port)
 
 

@@ -1,40 +1,46 @@
 """Read only the tensors a stage needs from a Hugging Face safetensors checkpoint.
 
 A safetensors file is an 8-byte header length, a JSON header of byte offsets, then raw data, so
-a rank reads the headers (a few kB) and then ranged reads of its own tensors: on S3 a stage of a
-7B model fetches its share of the 14 GB, not all of it. `bytes_read` counts what came over.
+a rank reads the headers (a few kB, parsed by `pipelora.safetensors_header`) and then ranged
+reads of its own tensors: on S3 a stage of a 7B model fetches its share of the 14 GB, not all
+of it. `bytes_read` counts what came over.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 import threading
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from pipelora.safetensors_header import (
+    ITEM_SIZES,
+    NUMPY_DTYPES,
+    SafetensorsHeaderError,
+    TensorEntry,
+    read_header,
+)
 from pipelora.storage import Storage, StorageError, join_uri
+from pipelora.trainer import compat
 from pipelora.trainer.errors import TrainerError
 
+# The file names of a Hugging Face model folder (the layout `from_pretrained` reads).
+CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 MERGE_GAP = 1 << 20  # neighbouring tensors closer than this are fetched in one request
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
+def _torch_dtype(name: str) -> torch.dtype:
+    # BF16 is the one safetensors dtype numpy lacks; every other follows from its numpy dtype.
+    if name == "BF16":
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype=NUMPY_DTYPES[name])).dtype
+
+
+# safetensors dtype name -> torch dtype, for every name the header module knows.
+DTYPES: dict[str, torch.dtype] = {name: _torch_dtype(name) for name in ITEM_SIZES}
 
 
 class CheckpointReader:
@@ -67,21 +73,10 @@ class CheckpointReader:
         if file in self._headers:
             return self._headers[file]
         uri = join_uri(self.model_uri, file)
-        head = self._read(uri, 0, 8)
-        if len(head) < 8:
-            raise TrainerError(f"{uri} is truncated or not a safetensors file")
-        (length,) = struct.unpack("<Q", head)
         try:
-            header = json.loads(self._read(uri, 8, length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise TrainerError(f"{uri} has a corrupt safetensors header") from None
-        base = 8 + length
-        entries = {
-            name: TensorEntry(file, meta["dtype"], tuple(meta["shape"]), base + meta["data_offsets"][0],
-                              base + meta["data_offsets"][1])
-            for name, meta in header.items()
-            if name != "__metadata__"
-        }
+            entries = read_header(lambda start, length: self._read(uri, start, length), uri)
+        except SafetensorsHeaderError as exc:
+            raise TrainerError(str(exc)) from None
         self._headers[file] = entries
         return entries
 
@@ -102,31 +97,35 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return self.file_of(name) is not None
 
-    def entry(self, name: str) -> TensorEntry:
+    def entry(self, name: str) -> tuple[str, TensorEntry]:
+        """(file, header entry) of a tensor."""
         file = self.file_of(name)
         if file is None or name not in self._header(file):
             raise TrainerError(f"tensor '{name}' is missing from the checkpoint in {self.model_uri}")
-        return self._header(file)[name]
+        return file, self._header(file)[name]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, fetched with as few ranged reads as their layout allows."""
-        entries = sorted(((n, self.entry(n)) for n in names), key=lambda x: (x[1].file, x[1].start))
+        entries = sorted((self.entry(n) for n in names), key=lambda x: (x[0], x[1].start))
         out: dict[str, torch.Tensor] = {}
-        group: list[tuple[str, TensorEntry]] = []
-        for item in entries:
-            if group and (item[1].file != group[-1][1].file or item[1].start - group[-1][1].end > MERGE_GAP):
-                out.update(self._read_group(group))
+        group: list[TensorEntry] = []
+        file = ""
+        for item_file, item in entries:
+            if group and (item_file != file or item.start - group[-1].end > MERGE_GAP):
+                out.update(self._read_group(file, group))
                 group = []
+            file = item_file
             group.append(item)
         if group:
-            out.update(self._read_group(group))
+            out.update(self._read_group(file, group))
         return out
 
-    def _read_group(self, group: list[tuple[str, TensorEntry]]) -> dict[str, torch.Tensor]:
-        first, last = group[0][1], group[-1][1]
-        blob = bytearray(self._read(join_uri(self.model_uri, first.file), first.start, last.end - first.start))
+    def _read_group(self, file: str, group: list[TensorEntry]) -> dict[str, torch.Tensor]:
+        first, last = group[0], group[-1]
+        blob = bytearray(self._read(join_uri(self.model_uri, file), first.start, last.end - first.start))
         out = {}
-        for name, e in group:
+        for e in group:
+            name = e.name
             if e.dtype not in DTYPES:
                 raise TrainerError(f"tensor '{name}' has unsupported dtype {e.dtype}")
             if e.end - e.start == 0:
@@ -141,7 +140,7 @@ def read_model_config(storage: Storage, model_uri: str) -> Any:
     """The transformers config of a model folder, with one clear error when it is missing."""
     from transformers import AutoConfig
 
-    uri = join_uri(model_uri, "config.json")
+    uri = join_uri(model_uri, CONFIG)
     try:
         data = storage.read_json(uri)
     except StorageError as exc:
@@ -154,5 +153,5 @@ def read_model_config(storage: Storage, model_uri: str) -> Any:
         raise TrainerError(f"{uri} has model_type '{model_type}'; the trainer supports mistral and llama")
     kwargs = {k: v for k, v in data.items() if k != "model_type"}
     config = AutoConfig.for_model(model_type, **kwargs)
-    config._attn_implementation = "sdpa"  # takes the boolean block-diagonal masks built per layer
+    compat.set_attention_implementation(config, "sdpa")  # takes the boolean block-diagonal masks built per layer
     return config

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import click
 
 from pipelora import __version__
 from pipelora.cli_common import echo_spec, run_cli, spec_options
-from pipelora.config import JobSpec, json_schema
+from pipelora.config import JobSpec, check_against_model, json_schema
+from pipelora.launch import pod_env_file, pod_runtime_dir
+from pipelora.podenv import apply_pod_env
 
 # name → "module:attribute" of a click command; imported on first use.
 LAZY_COMMANDS: dict[str, str] = {
@@ -32,7 +35,10 @@ WORKFLOW_COMMANDS: dict[str, str] = {
     "delete": "pipelora.workflow.cluster_cli:delete",
     "list": "pipelora.workflow.cluster_cli:list_jobs",
     "wait-for-data": "pipelora.workflow.cluster_cli:wait_for_data_cmd",
+    "release-training": "pipelora.workflow.cluster_cli:release_training",
     "run": "pipelora.workflow.runner_cli:run",
+    "worker": "pipelora.workflow.worker_cli:worker",
+    "pod-env": "pipelora.workflow.worker_cli:pod_env",
 }
 LAZY_COMMANDS.update(WORKFLOW_COMMANDS)
 
@@ -71,6 +77,7 @@ def validate(spec: JobSpec) -> None:
     Example:
       pipelora-k8s validate --config examples/mistral-7b-alpaca.yaml --stages 8 --nodes 2
     """
+    check_against_model(spec)
     echo_spec(spec)
 
 
@@ -87,6 +94,9 @@ def schema() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A rank that sshd started on a worker pod takes the pod's recorded environment first (IRSA,
+    # NCCL_*, HF_*...), before any library reads it; elsewhere there is no such file.
+    apply_pod_env(pod_env_file(pod_runtime_dir()), os.environ)
     run_cli(cli, argv)
 
 

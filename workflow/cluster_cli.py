@@ -1,4 +1,5 @@
-"""Cluster commands: submit, render, status, logs, delete, list, and the launcher's wait-for-data.
+"""Cluster commands: submit, render, status, logs, delete, list; and the two steps that run in the
+release's own pods: the launcher's wait-for-data, and release-training in the dataprep Job.
 
 They share kubectl's `--context` / `--namespace`; nothing here touches a cluster before the
 spec and the MPI Operator's own rules have been checked on the rendered release.
@@ -75,15 +76,28 @@ def _wait_for_job(name: str, target: KubeTarget, *, poll_s: float = 10.0) -> Non
     """Follow the launcher's log while it runs, then report the MPIJob's final phase."""
     from pipelora.workflow.kube import Kube, KubeError
     from pipelora.workflow.logs import log_lines, newest_pod
-    from pipelora.workflow.status import job_phase, release_spec
+    from pipelora.workflow.names import ReleaseNames
+    from pipelora.workflow.status import (
+        DataprepFailed,
+        dataprep_problem,
+        is_suspended,
+        job_phase,
+        release_spec,
+    )
 
     kube = Kube.connect(target)
     spec = release_spec(kube, name)
+    names = ReleaseNames(name)
     streamed = False
     while True:
-        phase = job_phase(kube.mpijob(name))
+        mpijob = kube.mpijob(names.mpijob)
+        phase = job_phase(mpijob)
         if phase in ("Succeeded", "Failed"):
             break
+        if mpijob is None or is_suspended(mpijob):
+            problem = dataprep_problem(kube.job(names.dataprep_job), mpijob, kube.pods(names.selector("dataprep")))
+            if problem:
+                raise DataprepFailed(problem)
         if phase == "Running" and newest_pod(kube, name, "launcher"):
             try:
                 for line in log_lines(kube, spec, component="launcher", follow=True):
@@ -136,43 +150,83 @@ def render(spec: JobSpec, namespace: str | None, out_dir: str | None, values_onl
 def status(name: str, target: KubeTarget, output: str) -> None:
     """The dataprep Job's and MPIJob's conditions, the pods, and the training progress.
 
+    Exits non-zero when dataprep failed (the MPIJob then stays suspended, holding no GPU).
+
     \b
     Example:
       pipelora-k8s status alpaca-mistral --namespace ml
     """
     from pipelora.workflow.kube import Kube
-    from pipelora.workflow.status import collect_status, format_status
+    from pipelora.workflow.status import DataprepFailed, collect_status, format_status
 
     info = collect_status(Kube.connect(target), name)
     click.echo(json.dumps(info, indent=2) if output == "json" else format_status(info))
+    if info.get("problem"):
+        raise DataprepFailed(info["problem"])
 
 
 @click.command()
 @click.argument("name")
 @kube_options
-@click.option("--stage", type=int, help="Only this pipeline stage (1-based), from the worker pods hosting it.")
+@click.option("--stage", type=int, help="Only this pipeline stage (1-based): its worker pods, or its ranks' stored logs.")
 @click.option("--component", type=click.Choice(["launcher", "worker", "dataprep"]),
               help="Which pods (default: the launcher, or dataprep before it exists).")
-@click.option("--follow", "-f", is_flag=True, help="Keep streaming new lines.")
-@click.option("--tail", type=int, help="Only the last N lines of each pod.")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming new lines (from storage: until the run ends).")
+@click.option("--tail", type=int, help="Only the last N lines of each pod (from storage: of the merged log).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="The job spec: finds the stored logs when the release itself is gone.")
 def logs(name: str, target: KubeTarget, stage: int | None, component: str | None, follow: bool,
-         tail: int | None) -> None:
+         tail: int | None, config_path: str | None) -> None:
     """Show a job's log: every rank's lines (launcher), or one stage's.
+
+    Read from the pods while they exist; once they are gone (the job ended, or the release was
+    deleted), from the lines every rank keeps in the run's storage folder. stderr says which.
 
     \b
     Example:
       pipelora-k8s logs alpaca-mistral --follow
       pipelora-k8s logs alpaca-mistral --stage 3
+      pipelora-k8s logs alpaca-mistral --config job.yaml   # after `pipelora-k8s delete`
     """
-    from pipelora.workflow.kube import Kube
-    from pipelora.workflow.logs import log_lines
-    from pipelora.workflow.status import release_spec
+    from pipelora.workflow.logs import job_logs, run_over
 
-    kube = Kube.connect(target)
-    spec = release_spec(kube, name)
-    for line in log_lines(kube, spec, stage=stage, component=component, follow=follow, tail=tail):
+    kube, spec, why = _logs_source(name, target, config_path)
+    view = job_logs(kube, spec, stage=stage, component=component, follow=follow, tail=tail, why=why,
+                    finished=run_over(kube, spec))
+    click.echo(view.source, err=True)
+    for line in view.lines:
         click.echo(line)
         sys.stdout.flush()
+
+
+def _logs_source(name: str, target: KubeTarget, config_path: str | None) -> tuple[Any, JobSpec, str]:
+    """(the API or None, the job spec, why storage would be read): the release's ConfigMap first, then --config."""
+    from pipelora.config import load_spec
+    from pipelora.workflow.kube import Kube, KubeError, KubeUnreachable
+    from pipelora.workflow.status import find_release_spec
+
+    def from_file() -> JobSpec:
+        assert config_path is not None
+        spec = load_spec(config_path)
+        if spec.name != name:
+            raise click.UsageError(f"--config {config_path} is job '{spec.name}', not '{name}'")
+        return spec
+
+    try:
+        kube = Kube.connect(target)
+        spec = find_release_spec(kube, name)
+    except KubeError as exc:
+        if config_path is None:
+            raise
+        why = "the cluster cannot be reached" if isinstance(exc, KubeUnreachable) else str(exc).split(";")[0]
+        return None, from_file(), why
+    if spec is not None:
+        return kube, spec, "the pods are gone"
+    if config_path is None:
+        raise KubeError(f"no pipelora job named {name} in namespace {kube.namespace} (see `pipelora-k8s list`, "
+                        "or pass --namespace); for a release already deleted, pass --config job.yaml to read "
+                        "its logs from storage")
+    return None, from_file(), f"the release {name} is gone from namespace {kube.namespace}"
 
 
 @click.command()
@@ -216,10 +270,37 @@ def list_jobs(target: KubeTarget, all_namespaces: bool) -> None:
 def wait_for_data_cmd(spec: JobSpec, timeout_s: float, interval_s: float) -> None:
     """Wait until the run's data manifest is committed (the MPIJob launcher runs this first).
 
+    Inside a pod whose service account may read the dataprep Job, a failed Job ends the wait
+    at once, with its reason; elsewhere only storage is polled.
+
     \b
     Example:
       pipelora-k8s wait-for-data --config job.yaml --timeout 3600
     """
+    from pipelora.workflow.kube import Kube, KubeError
     from pipelora.workflow.waitdata import wait_for_data
 
-    wait_for_data(spec, timeout_s=timeout_s, interval_s=interval_s, echo=click.echo)
+    try:
+        kube = Kube.in_cluster()
+    except KubeError:
+        kube = None
+    wait_for_data(spec, timeout_s=timeout_s, interval_s=interval_s, echo=click.echo, kube=kube)
+
+
+@click.command(name="release-training")
+@spec_options
+@kube_options
+def release_training(spec: JobSpec, target: KubeTarget) -> None:
+    """Resume the job's suspended MPIJob once its data manifest is committed (the dataprep Job's last step).
+
+    Run in the dataprep Job's pod with its service account (namespace from the pod); it fails,
+    leaving the MPIJob suspended, when the manifest is missing.
+
+    \b
+    Example:
+      pipelora-k8s release-training --config /etc/pipelora/job.yaml
+    """
+    from pipelora.workflow.gate import release_training as release
+    from pipelora.workflow.kube import Kube
+
+    release(spec, Kube.connect(target), echo=click.echo)

@@ -9,15 +9,21 @@ root, more ranks than cores), added by `local=True`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelora.config import JobSpec
+from pipelora.launch import (
+    CLUSTER_HOSTFILE,
+    MASTER_PORT,
+    POD_RUNTIME_DIR,
+    RELAY_DIR_ENV,
+    rank_relay_dir,
+    ready_file,
+)
+from pipelora.workflow.names import ReleaseNames
 
-# Where the chart mounts the resolved spec (ConfigMap) and where the MPI Operator writes the hostfile.
+# Where the chart mounts the resolved spec (ConfigMap).
 CLUSTER_CONFIG_PATH = "/etc/pipelora/job.yaml"
-CLUSTER_HOSTFILE = "/etc/mpi/hostfile"
-# Appending here from a rank started by sshd on a worker pod lands in that pod's `kubectl logs`.
-WORKER_LOG_MIRROR = "/proc/1/fd/1"
-MASTER_PORT = 29500
 DEFAULT_DATA_TIMEOUT_S = 24 * 3600
 
 S3_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -26,16 +32,20 @@ HF_SECRET_ENV = ("HF_TOKEN",)
 
 @dataclass(frozen=True)
 class JobCommands:
-    """The argv lists of one run: dataprep, the launcher's wait for data, and the launcher's mpirun."""
+    """The argv lists of one run: dataprep, the launcher's wait for data and mpirun, and the worker pods'
+    entrypoint and readiness check, and the dataprep Job's release of the suspended MPIJob."""
 
     dataprep: list[str]
     wait_for_data: list[str]
     launcher: list[str]
+    worker: list[str]
+    worker_ready: list[str]
+    release_training: list[str]
 
 
 def master_addr(spec: JobSpec) -> str:
     """Rank 0 runs on worker 0; its name resolves through the MPIJob's headless Service."""
-    return f"{spec.name}-worker-0.{spec.name}"
+    return ReleaseNames(spec.name).worker_host(0)
 
 
 def forwarded_env(spec: JobSpec) -> list[str]:
@@ -75,7 +85,9 @@ def mpirun_command(
     if local:
         argv += ["-x", f"PIPELORA_HOSTFILE={hostfile}", "-x", "MASTER_ADDR=127.0.0.1"]
     else:
-        argv += ["-x", f"PIPELORA_MIRROR_LOG={WORKER_LOG_MIRROR}", "-x", f"MASTER_ADDR={master_addr(spec)}"]
+        # Each rank appends its lines in its worker pod's runtime folder; the pod's entrypoint relays them.
+        relay = rank_relay_dir(Path(POD_RUNTIME_DIR))
+        argv += ["-x", f"{RELAY_DIR_ENV}={relay}", "-x", f"MASTER_ADDR={master_addr(spec)}"]
     argv += ["-x", f"MASTER_PORT={master_port}"]
     for name in forwarded_env(spec) if env_names is None else env_names:
         argv += ["-x", name]
@@ -88,6 +100,20 @@ def train_command(*, config_path: str) -> list[str]:
 
 def dataprep_command(*, config_path: str) -> list[str]:
     return ["pipelora-k8s", "dataprep", "--config", config_path]
+
+
+def worker_command() -> list[str]:
+    """PID 1 of a worker pod (the chart appends `--grace-seconds` from its termination grace period)."""
+    return ["pipelora-k8s", "worker"]
+
+
+def worker_ready_command() -> list[str]:
+    """The worker's readiness probe: the entrypoint's ready file, present once sshd listens."""
+    return ["test", "-e", str(ready_file(Path(POD_RUNTIME_DIR)))]
+
+
+def release_training_command(*, config_path: str) -> list[str]:
+    return ["pipelora-k8s", "release-training", "--config", config_path]
 
 
 def wait_for_data_command(*, config_path: str, timeout_s: int = DEFAULT_DATA_TIMEOUT_S) -> list[str]:
@@ -117,6 +143,9 @@ def job_commands(
             env_names=[] if local else None,
             master_port=master_port,
         ),
+        worker=worker_command(),
+        worker_ready=worker_ready_command(),
+        release_training=release_training_command(config_path=config_path),
     )
 
 

@@ -7,14 +7,13 @@ anything changed through `cluster.values`.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
 
+from pipelora.config import DNS_1035
 from pipelora.errors import PipeloraError
 
-DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 RESTART_POLICIES = ("Never", "OnFailure")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,19 +17,52 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipelora.config import JobSpec
 from pipelora.errors import PipeloraError
+from pipelora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_NAME
 from pipelora.storage import is_s3, local_path, storage_for
 from pipelora.workflow.commands import JobCommands, job_commands, local_hostfile_text
 from pipelora.workflow.plot import plot_losses
 from pipelora.workflow.waitdata import wait_for_data
+from pipelora.workflow.worker import children_of, is_rank
 
 Echo = Callable[[str], None]
 
 
 class RunError(PipeloraError):
     """A step of the local run failed; its own output, above, says why."""
+
+
+class RunPreempted(PipeloraError):
+    """Ctrl-C (or SIGTERM) stopped training at a step boundary after a committed checkpoint."""
+
+    exit_code = 75
+
+
+def _run_training(argv: list[str], *, env: dict[str, str]) -> int:
+    """mpirun in its own session; Ctrl-C or SIGTERM here reaches the ranks as SIGTERM, as on a cluster.
+
+    A terminal's Ctrl-C would otherwise hit mpirun, which kills the ranks before they can commit a
+    checkpoint; the ranks instead agree to stop at the next step boundary with a checkpoint.
+    """
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children_of(proc.pid):
+            if is_rank(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -79,9 +113,8 @@ def _run_step(argv: list[str], *, env: dict[str, str], what: str) -> None:
 
 
 def clear_previous(spec: JobSpec, *, echo: Echo) -> None:
-    """Remove a previous run's checkpoints, adapter and progress (the prepared data stays)."""
-    for part in ("checkpoints", "adapter", "progress.json"):
-        uri = spec.run_path(part)
+    """Remove a previous run's checkpoints, adapter, progress and logs (the prepared data stays)."""
+    for uri in spec.layout.training_outputs:
         removed = storage_for(spec, uri).delete_prefix(uri)
         if removed:
             echo(f"==> removed {removed} object(s) of the previous run under {uri}")
@@ -131,29 +164,42 @@ def run_local(spec: JobSpec, *, workdir: Path | None = None, make_missing: bool 
     _run_step(commands.dataprep, env=env, what="dataprep")
     wait_for_data(spec, timeout_s=60, interval_s=1, echo=lambda m: echo(f"==> {m}"))
     echo(f"==> train: {' '.join(commands.launcher)}")
-    _run_step(commands.launcher, env=env, what="training (mpirun)")
+    code = _run_training(commands.launcher, env=env)
+    if code != 0:
+        progress = _progress(spec)
+        if progress.get("state") == "preempted":
+            raise RunPreempted(f"preempted at step {progress.get('step')}, checkpoint committed; run the same "
+                               "command again (without --fresh) to resume")
+        raise RunError(f"training (mpirun) failed with exit code {code}; its output is above")
     return summarize(spec, workdir=workdir, echo=echo)
+
+
+def _progress(spec: JobSpec) -> dict[str, Any]:
+    storage = storage_for(spec, spec.run_uri)
+    uri = spec.layout.progress
+    return dict(storage.read_json(uri)) if storage.exists(uri) else {}
 
 
 def summarize(spec: JobSpec, *, workdir: Path, echo: Echo) -> RunResult:
     """Check the adapter landed, plot the loss curve, and print where everything is."""
-    adapter = spec.run_path("adapter", "adapter_model.safetensors")
+    layout = spec.layout
     storage = storage_for(spec, spec.run_uri)
-    if not storage.exists(adapter):
-        raise RunError(f"training finished but no adapter was written at {adapter}")
-    progress_uri = spec.run_path("progress.json")
+    if not storage.exists(layout.adapter_complete):
+        raise RunError(f"training finished but no complete adapter was written at {layout.adapter}")
+    progress_uri = layout.progress
     progress = storage.read_json(progress_uri) if storage.exists(progress_uri) else {}
-    result = RunResult(run_uri=spec.run_uri, workdir=workdir, adapter_uri=adapter, progress=progress)
+    result = RunResult(run_uri=spec.run_uri, workdir=workdir, adapter_uri=layout.adapter_weights, progress=progress)
     if progress.get("losses") or progress.get("eval_losses"):
         out = (local_path(spec.run_uri) if is_local(spec.run_uri) else workdir) / "loss_curve.png"
         result.loss_curve = plot_losses(progress, out, title=f"{spec.name}: {spec.parallel.stages} stages")
-    checkpoints = storage.list_dirs(spec.run_path("checkpoints"))
+    checkpoints = storage.list_dirs(layout.checkpoints)
     evals = progress.get("eval_losses") or []
     echo("")
     echo(f"run folder    {spec.run_uri}")
-    echo(f"data          {spec.run_path('data')} (manifest.json)")
-    echo(f"checkpoints   {spec.run_path('checkpoints')} ({', '.join(checkpoints) or 'none'})")
-    echo(f"adapter       {spec.run_path('adapter')} (PEFT: adapter_model.safetensors + adapter_config.json)")
+    echo(f"data          {layout.data} ({MANIFEST_NAME})")
+    echo(f"checkpoints   {layout.checkpoints} ({', '.join(checkpoints) or 'none'})")
+    echo(f"adapter       {layout.adapter} (PEFT: {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
+    echo(f"logs          {layout.logs} (every rank's lines)")
     if result.loss_curve:
         echo(f"loss curve    {result.loss_curve}")
     if evals:

@@ -1,7 +1,9 @@
 """`pipelora-k8s status NAME`: what the cluster and the run folder say about one job.
 
 The job spec is read back from the release's ConfigMap, so `status` needs only the name; the
-training progress comes from `<run>/progress.json` in storage (read with the local credentials).
+training progress comes from the run's progress file in storage (read with the local credentials).
+The MPIJob is created suspended and resumed by the dataprep Job once the data is committed, so
+a failed dataprep is reported as such: the job is over, and no GPU was ever held for it.
 """
 
 from __future__ import annotations
@@ -14,18 +16,33 @@ import yaml
 from pipelora.config import JobSpec, spec_from_dict
 from pipelora.errors import PipeloraError
 from pipelora.workflow.kube import Kube, KubeError
+from pipelora.workflow.logs import COMPONENT, DATAPREP_CONTAINER, INSTANCE, RELEASE_CONTAINER
+from pipelora.workflow.names import ReleaseNames
 
-COMPONENT = "app.kubernetes.io/component"
+
+class DataprepFailed(PipeloraError):
+    """The dataprep Job failed: the data will not appear and training will not start."""
+
+    exit_code = 4
+
+
+def find_release_spec(kube: Kube, name: str) -> JobSpec | None:
+    """The resolved job spec the release runs with (its ConfigMap), or None when there is no such release."""
+    config_map = ReleaseNames(name).config_map
+    cm = kube.config_map(config_map)
+    if cm is None:
+        return None
+    text = (cm.get("data") or {}).get("job.yaml", "")
+    return spec_from_dict(yaml.safe_load(text) or {}, source=f"ConfigMap {config_map}")
 
 
 def release_spec(kube: Kube, name: str) -> JobSpec:
     """The resolved job spec the release runs with (its ConfigMap)."""
-    cm = kube.config_map(f"{name}-spec")
-    if cm is None:
+    spec = find_release_spec(kube, name)
+    if spec is None:
         raise KubeError(f"no pipelora job named {name} in namespace {kube.namespace} "
                         "(see `pipelora-k8s list`, or pass --namespace)")
-    text = (cm.get("data") or {}).get("job.yaml", "")
-    return spec_from_dict(yaml.safe_load(text) or {}, source=f"ConfigMap {name}-spec")
+    return spec
 
 
 def _conditions(obj: dict | None) -> list[dict[str, Any]]:
@@ -50,6 +67,65 @@ def job_phase(obj: dict | None) -> str:
     return "Pending"
 
 
+def is_suspended(mpijob: dict | None) -> bool:
+    """True while the MPIJob is held back (its pods, and so its GPUs, not created)."""
+    if mpijob is None:
+        return False
+    run_policy = (mpijob.get("spec") or {}).get("runPolicy") or {}
+    return bool(run_policy.get("suspend")) or job_phase(mpijob) == "Suspended"
+
+
+def _last_line(text: str | None) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    return last[len("error: "):] if last.startswith("error: ") else last
+
+
+def dataprep_container_failure(pods: list[dict]) -> str | None:
+    """The last failed exit of the dataprep Job's containers (newest pod first): its message, else its code.
+
+    The pod runs dataprep, then the step that resumes the MPIJob; either can be what failed.
+    """
+    def created(pod: dict) -> str:
+        return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+    for pod in sorted(pods, key=created, reverse=True):
+        status = pod.get("status") or {}
+        for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+            if container.get("name") not in (DATAPREP_CONTAINER, RELEASE_CONTAINER):
+                continue
+            for state in (container.get("state"), container.get("lastState")):
+                ended = (state or {}).get("terminated")
+                if not ended or not ended.get("exitCode"):
+                    continue
+                message = _last_line(ended.get("message"))
+                if message:
+                    return message
+                why = f" ({ended['reason']})" if ended.get("reason") else ""
+                return f"the {container['name']} container exited with code {ended['exitCode']}{why}"
+    return None
+
+
+def dataprep_failure(job: dict | None, pods: list[dict] | None = None) -> str | None:
+    """Why the dataprep Job failed, in one line; None unless it has a true `Failed` condition."""
+    failed = next((c for c in _conditions(job) if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    if failed is None:
+        return None
+    job_reason = ": ".join(str(failed[k]) for k in ("reason", "message") if failed.get(k)) or "the Job failed"
+    container = dataprep_container_failure(pods or [])
+    return f"{container} (Job {job_reason})" if container else job_reason
+
+
+def dataprep_problem(job: dict | None, mpijob: dict | None, pods: list[dict] | None = None) -> str | None:
+    """`dataprep failed: …; no GPUs were allocated` while the MPIJob is still held back (or absent)."""
+    if mpijob is not None and not is_suspended(mpijob):
+        return None
+    reason = dataprep_failure(job, pods)
+    return None if reason is None else f"dataprep failed: {reason}; no GPUs were allocated"
+
+
 def _pod_row(pod: dict) -> dict[str, Any]:
     meta, status = pod.get("metadata") or {}, pod.get("status") or {}
     containers = status.get("containerStatuses") or []
@@ -70,7 +146,7 @@ def read_progress(spec: JobSpec) -> dict[str, Any] | None:
     """`progress.json` of the run, or {"error": sentence} when storage cannot be read from here."""
     from pipelora.storage import storage_for
 
-    uri = spec.run_path("progress.json")
+    uri = spec.layout.progress
     try:
         storage = storage_for(spec, uri)
         if not storage.exists(uri):
@@ -82,9 +158,11 @@ def read_progress(spec: JobSpec) -> dict[str, Any] | None:
 
 def collect_status(kube: Kube, name: str) -> dict[str, Any]:
     spec = release_spec(kube, name)
-    dataprep, mpijob = kube.job(f"{name}-dataprep"), kube.mpijob(name)
-    pods = sorted((_pod_row(p) for p in kube.pods(f"app.kubernetes.io/instance={name}")),
-                  key=lambda r: (r["component"], r["name"]))
+    names = ReleaseNames(name)
+    dataprep, mpijob = kube.job(names.dataprep_job), kube.mpijob(names.mpijob)
+    raw_pods = kube.pods(f"{INSTANCE}={name}")
+    pods = sorted((_pod_row(p) for p in raw_pods), key=lambda r: (r["component"], r["name"]))
+    dataprep_pods = [p for p in raw_pods if ((p.get("metadata") or {}).get("labels") or {}).get(COMPONENT) == "dataprep"]
     return {
         "name": name,
         "namespace": kube.namespace,
@@ -92,9 +170,10 @@ def collect_status(kube: Kube, name: str) -> dict[str, Any]:
         "topology": {"stages": spec.parallel.stages, "nodes": spec.parallel.nodes,
                      "gpus_per_node": spec.parallel.gpus_per_node},
         "dataprep": {"phase": job_phase(dataprep), "conditions": _conditions(dataprep)},
-        "mpijob": {"phase": job_phase(mpijob), "conditions": _conditions(mpijob)},
+        "mpijob": {"phase": job_phase(mpijob), "conditions": _conditions(mpijob), "suspended": is_suspended(mpijob)},
         "pods": pods,
         "progress": read_progress(spec),
+        "problem": dataprep_problem(dataprep, mpijob, dataprep_pods),
     }
 
 
@@ -103,6 +182,16 @@ def format_eta(seconds: float | None) -> str:
         return "?"
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _suspended_words(status: dict[str, Any]) -> str | None:
+    """Why a suspended MPIJob waits, when dataprep explains it; None when something else holds it (a queue)."""
+    if status.get("problem"):
+        return "suspended (dataprep failed; no GPUs were allocated)"
+    phase = status["dataprep"]["phase"]
+    if phase in ("Running", "Pending"):
+        return "suspended (waiting for dataprep)"
+    return None
 
 
 def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
@@ -117,7 +206,10 @@ def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
         part = status[key]
         last = next((c for c in reversed(part["conditions"]) if c.get("status") == "True"), None)
         detail = f" ({last['reason']}: {last['message']})" if last and last.get("reason") and last.get("message") else ""
-        lines.append(f"  {label:<13} {part['phase']}{detail}")
+        shown = f"{part['phase']}{detail}"
+        if key == "mpijob" and part.get("suspended"):
+            shown = _suspended_words(status) or shown
+        lines.append(f"  {label:<13} {shown}")
     if status["pods"]:
         lines.append("  pods:")
         for p in status["pods"]:

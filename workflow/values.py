@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from pipelora.config import JobSpec
+from pipelora.launch import POD_RUNTIME_DIR
 from pipelora.workflow.commands import job_commands
 
 CHART_PACKAGE = "pipelora.chart"
@@ -46,7 +47,11 @@ def chart_values(spec: JobSpec) -> dict[str, Any]:
             "dataprep": commands.dataprep,
             "waitForData": commands.wait_for_data,
             "launcher": commands.launcher,
+            "worker": commands.worker,
+            "workerReady": commands.worker_ready,
+            "releaseTraining": commands.release_training,
         },
+        "podRuntimeDir": POD_RUNTIME_DIR,
         "parallel": {"nodes": spec.parallel.nodes, "gpusPerNode": spec.parallel.gpus_per_node},
         "secrets": {
             "s3": {"name": spec.cluster.s3_secret or ""},

@@ -1,7 +1,10 @@
 """Block until the run's data manifest is committed: the MPIJob launcher's first step.
 
-The dataprep Job and the MPIJob start together; ranks must not start reading shards that are
-still being written, and the manifest is written last (Storage.commit), so its presence is the signal.
+Ranks must not start reading shards that are still being written, and the manifest is written
+last (Storage.commit), so its presence is the signal. Where the MPIJob is not held suspended
+until then (gating off, e.g. when a queue such as Kueue owns `suspend`), this is the guard: and
+when it can ask the Kubernetes API, a failed dataprep Job ends the wait at once with its reason
+instead of holding every GPU until the timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from collections.abc import Callable
 from pipelora.config import JobSpec
 from pipelora.errors import PipeloraError
 from pipelora.storage import storage_for
+from pipelora.workflow.kube import Kube, KubeError
+from pipelora.workflow.names import ReleaseNames
+from pipelora.workflow.status import DataprepFailed, dataprep_failure
 
 
 class DataTimeout(PipeloraError):
@@ -19,7 +25,34 @@ class DataTimeout(PipeloraError):
 
 
 def manifest_uri(spec: JobSpec) -> str:
-    return spec.run_path("data", "manifest.json")
+    return spec.layout.manifest
+
+
+class DataprepWatch:
+    """Asks the API whether the dataprep Job failed; quiet (and storage-only) when it cannot."""
+
+    def __init__(self, kube: Kube, spec: JobSpec, *, echo: Callable[[str], None]) -> None:
+        self.kube, self.spec, self.echo = kube, spec, echo
+        self.job = ReleaseNames(spec.name).dataprep_job
+        self._warned = False
+
+    def failure(self) -> str | None:
+        """The dataprep Job's failure reason, or None (running, done, absent, or the API did not answer)."""
+        try:
+            job = self.kube.job(self.job)
+        except KubeError as exc:
+            if not self._warned:
+                self.echo(f"cannot check the dataprep Job {self.job} ({exc}); waiting on storage only")
+                self._warned = True
+            return None
+        reason = dataprep_failure(job)
+        if reason is None:
+            return None
+        try:  # the container's own last words, where the service account may list pods
+            pods = self.kube.pods(ReleaseNames(self.spec.name).selector("dataprep"))
+        except KubeError:
+            pods = []
+        return dataprep_failure(job, pods)
 
 
 def wait_for_data(
@@ -29,10 +62,16 @@ def wait_for_data(
     interval_s: float = 10.0,
     echo: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
+    kube: Kube | None = None,
 ) -> dict:
-    """Poll storage until the manifest exists and parses; returns it. Raises DataTimeout after `timeout_s`."""
+    """Poll storage until the manifest exists and parses; returns it.
+
+    Raises DataTimeout after `timeout_s`, and DataprepFailed as soon as `kube` (when given)
+    shows the dataprep Job failed.
+    """
     uri = manifest_uri(spec)
     storage = storage_for(spec, uri)
+    watch = DataprepWatch(kube, spec, echo=echo) if kube is not None else None
     start = time.monotonic()
     announced = False
     while True:
@@ -42,13 +81,19 @@ def wait_for_data(
             rows = ", ".join(f"{k} {v.get('rows', '?')} rows" for k, v in splits.items())
             echo(f"data ready: {uri}" + (f" ({rows})" if rows else ""))
             return marker
+        if not announced:
+            where = f", and watching the Job {watch.job}" if watch is not None else ""
+            echo(f"waiting for the data manifest {uri} (dataprep writes it last{where})")
+            announced = True
+        if watch is not None:
+            reason = watch.failure()
+            if reason is not None:
+                raise DataprepFailed(f"dataprep failed: {reason}; the data manifest {uri} will not appear "
+                                     f"(`pipelora-k8s logs {spec.name} --component dataprep` shows why)")
         waited = time.monotonic() - start
         if waited >= timeout_s:
             raise DataTimeout(
                 f"no data manifest at {uri} after {int(waited)}s; check the dataprep Job "
                 f"(`pipelora-k8s logs {spec.name} --component dataprep`)"
             )
-        if not announced:
-            echo(f"waiting for the data manifest {uri} (dataprep writes it last)")
-            announced = True
         sleep(min(interval_s, max(timeout_s - waited, 0.1)))

@@ -60,10 +60,25 @@ def test_missing_config_file_is_one_message(tmp_path: Path) -> None:
 def test_pipeline_bubble_warning_is_one_line() -> None:
     code, _, err = run(["validate", "--config", CLUSTER, "--set", "parallel.micro_batches=9"])
     assert code == 0
-    assert err.strip().splitlines() == [
+    lines = err.strip().splitlines()
+    assert all(line.startswith("warning: ") for line in lines), err  # not Python's file:line format
+    assert lines[0] == (
         "warning: parallel.micro_batches (9) is below 2 x stages (16): the pipeline bubble is 44% of each step; "
         "raise micro_batches to fill the pipeline"
-    ]
+    )
+
+
+def test_one_stage_validates_without_a_bubble_warning() -> None:
+    code, _, err = run(["validate", "--config", TINY, "--stages", "1", "--gpus-per-node", "1", "--micro-batches", "1"])
+    assert code == 0 and "bubble" not in err, err
+
+
+def test_validate_rejects_a_template_that_cannot_render_the_format() -> None:
+    code, out, err = run(["validate", "--config", TINY, "--set", "dataset.format=messages",
+                          "--set", "lora.target_modules=[q_proj, o_proj, lm_head]"])
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "  - dataset.template 'alpaca' cannot render dataset.format 'messages' records; use template: chat" in err
+    assert "  - lora.target_modules names lm_head, which are not linear layers" in err
 
 
 def test_schema_is_json_schema_of_the_spec() -> None:

@@ -95,6 +95,23 @@ def test_micro_batches_below_twice_stages_warns_with_the_bubble() -> None:
         spec_from_dict(base_spec(parallel={"stages": 8, "nodes": 2, "gpus_per_node": 4, "micro_batches": 9}))
 
 
+def test_one_stage_has_no_bubble_to_warn_about() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = spec_from_dict(base_spec(parallel={"stages": 1, "nodes": 1, "gpus_per_node": 1, "micro_batches": 1}))
+    assert spec.parallel.stages == 1 and spec.parallel.micro_batches == 1
+
+
+def test_two_stages_with_few_micro_batches_warn() -> None:
+    with pytest.warns(SpecWarning) as record:
+        spec_from_dict(base_spec(parallel={"stages": 2, "nodes": 1, "gpus_per_node": 2, "micro_batches": 2}))
+    (warning,) = record
+    assert str(warning.message) == (
+        "parallel.micro_batches (2) is below 2 x stages (4): the pipeline bubble is 33% of each step; "
+        "raise micro_batches to fill the pipeline"
+    )
+
+
 def test_enough_micro_batches_do_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -137,6 +154,32 @@ def test_positive_fields(section: str, values: dict, fragment: str) -> None:
     assert fragment in message
 
 
+def test_alpaca_template_cannot_render_messages_records() -> None:
+    (message,) = errors_of(base_spec(dataset={"format": "messages", "template": "alpaca"}))
+    assert message == (
+        "dataset.template 'alpaca' cannot render dataset.format 'messages' records; use template: chat for messages data"
+    )
+
+
+@pytest.mark.parametrize(("fmt", "template"), [("alpaca", "alpaca"), ("alpaca", "chat"), ("messages", "chat")])
+def test_template_and_format_pairs_that_render(fmt: str, template: str) -> None:
+    spec = spec_from_dict(base_spec(dataset={"format": fmt, "template": template}))
+    assert (spec.dataset.format, spec.dataset.template) == (fmt, template)
+
+
+def test_unknown_target_module_is_rejected_with_the_known_names() -> None:
+    (message,) = errors_of(base_spec(lora={"target_modules": ["q_proj", "lm_head", "qproj"]}))
+    assert message == (
+        "lora.target_modules names lm_head, qproj, which are not linear layers of a supported decoder layer; "
+        "use all-linear or some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    )
+
+
+def test_known_target_modules_are_accepted() -> None:
+    spec = spec_from_dict(base_spec(lora={"target_modules": ["v_proj", "q_proj", "down_proj"]}))
+    assert spec.lora.target_modules == ["v_proj", "q_proj", "down_proj"]
+
+
 def test_unknown_key_suggests_the_closest_valid_key() -> None:
     (message,) = errors_of(base_spec(training={"max_step": 10}))
     assert message == "training.max_step: unknown key 'max_step'; did you mean 'training.max_steps'?"
@@ -157,6 +200,18 @@ def test_every_problem_is_reported_at_once() -> None:
     messages = errors_of(data)
     assert len(messages) == 3
     assert any("name 'Bad_Name'" in m for m in messages)
+
+
+def test_spec_rules_of_every_section_are_reported_together() -> None:
+    data = base_spec(
+        dataset={"format": "messages", "template": "alpaca"},
+        lora={"target_modules": ["attn"]},
+        parallel={"stages": 3, "nodes": 1, "gpus_per_node": 2, "micro_batches": 1},
+    )
+    messages = errors_of(data)
+    assert len(messages) == 4, messages
+    assert [m.split(" ", 1)[0] for m in messages[:2]] == ["dataset.template", "lora.target_modules"]
+    assert "cannot be split into 3 stages" in messages[2] and "micro_batches (1) is below" in messages[3]
 
 
 def test_missing_required_section() -> None:

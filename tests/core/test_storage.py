@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,115 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def second_s3_endpoint(wait_for_port) -> Iterator[str]:
+    """Another moto server: an endpoint with buckets of its own."""
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for_port(port, proc, timeout=60):
+            raise RuntimeError("the second moto server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_endpoints_never_share_a_client_or_what_it_learnt(
+    s3_endpoint: str, s3_bucket: str, second_s3_endpoint: str
+) -> None:
+    first = open_storage("s3://x", endpoint_url=s3_endpoint)
+    assert open_storage("s3://y", endpoint_url=s3_endpoint) is first  # one backend per endpoint and region
+    second = open_storage("s3://x", endpoint_url=second_s3_endpoint)
+    assert second is not first and second.client is not first.client
+    assert open_storage("s3://x", endpoint_url=s3_endpoint, region="eu-west-1") is not first
+
+    # the first endpoint has this bucket, and its backend learns so; the second endpoint has none
+    assert first.stat(f"s3://{s3_bucket}/missing") is None
+    with pytest.raises(StorageError, match=f"bucket '{s3_bucket}' does not exist at {second_s3_endpoint}"):
+        second.stat(f"s3://{s3_bucket}/missing")
+
+
+def test_verify_streams_objects_instead_of_reading_them_whole(
+    store: tuple[Storage, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    import pipelora.storage as storage_module
+
+    s, root = store
+    payload = os.urandom(4 * 1024 * 1024)
+    info = s.write_bytes(join_uri(root, "big", "blob.bin"), payload)
+    marker = join_uri(root, "big", "COMMITTED")
+    s.commit(marker, [info])
+    monkeypatch.setattr(storage_module, "CHUNK", 64 * 1024)
+    del payload
+    tracemalloc.start()
+    try:
+        s.verify_committed(marker)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024  # a quarter of the object: never held whole
+    assert s.checksum(info.uri) == info
+
+
+def test_verify_names_a_truncated_object_by_size(store: tuple[Storage, str]) -> None:
+    s, root = store
+    info = s.write_bytes(join_uri(root, "t", "x"), b"abcdef")
+    s.commit(join_uri(root, "t", "COMMITTED"), [info])
+    s.write_bytes(info.uri, b"abc")
+    with pytest.raises(StorageError, match=f"{info.uri} is 3 bytes but .* recorded 6; it was modified"):
+        s.verify_committed(join_uri(root, "t", "COMMITTED"))
+
+
+def test_verify_of_a_missing_object_names_it(store: tuple[Storage, str]) -> None:
+    s, root = store
+    info = s.write_bytes(join_uri(root, "m", "x"), b"abc")
+    s.commit(join_uri(root, "m", "COMMITTED"), [info])
+    s.delete_prefix(info.uri)
+    with pytest.raises(StorageError, match=f"{info.uri} does not exist"):
+        s.verify_committed(join_uri(root, "m", "COMMITTED"))
+
+
+def test_a_marker_that_is_not_an_object_is_refused(store: tuple[Storage, str]) -> None:
+    s, root = store
+    s.write_json(join_uri(root, "odd", "COMMITTED"), ["not", "a", "marker"])
+    with pytest.raises(StorageError, match="is not a commit marker"):
+        s.read_marker(join_uri(root, "odd", "COMMITTED"))
+
+
+def test_batch_delete_refusals_are_raised_naming_the_keys(s3_endpoint: str, s3_bucket: str) -> None:
+    """DeleteObjects answers 200 with per-key Errors; moto reports them for keys a bucket policy protects."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s = open_storage("s3://x", endpoint_url=s3_endpoint)
+    root = f"s3://{s3_bucket}/run"
+    for name in ["free/a", "free/b", "locked/c", "locked/d"]:
+        s.write_bytes(join_uri(root, name), b"x")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject",
+                       "Resource": f"arn:aws:s3:::{s3_bucket}/run/locked/*"}],
+    }
+    client.put_bucket_policy(Bucket=s3_bucket, Policy=json.dumps(policy))
+    try:
+        with pytest.raises(StorageError) as info:
+            s.delete_prefix(root)
+    finally:
+        client.delete_bucket_policy(Bucket=s3_bucket)
+    message = str(info.value)
+    assert message.startswith(f"cannot delete 2 of 4 objects under {root}: ")
+    assert "run/locked/c (AccessDenied)" in message and "run/locked/d (AccessDenied)" in message
+    assert "free" not in message and "\n" not in message
+    assert [o.uri for o in s.list(root)] == [join_uri(root, "locked/c"), join_uri(root, "locked/d")]
+    assert s.delete_prefix(root) == 2 and s.list(root) == []

@@ -123,8 +123,9 @@ def test_missing_dataset_and_model(tmp_path, make_spec, write_jsonl):
 
 
 def test_alpaca_template_rejects_messages_format(write_jsonl, make_spec):
-    with pytest.raises(DataprepError, match="use template: chat"):
-        run_dataprep(make_spec(write_jsonl([GOOD]), format="messages", template="alpaca"))
+    # a rule of the spec: `validate` and `submit` refuse it before any pod runs
+    with pytest.raises(ConfigError, match="use template: chat"):
+        make_spec(write_jsonl([GOOD]), format="messages", template="alpaca")
 
 
 def test_overlong_truncated_or_dropped_and_counted(write_jsonl, make_spec):

@@ -108,3 +108,60 @@ def test_manifest_without_row_counts_reads_them_from_the_shards(prepared, tmp_pa
         del entry["shard_rows"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert (all_rows(open_shards(str(copy))) == all_rows(open_shards(prepared))).all()
+
+
+def _copy(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(prepared, copy)
+    return copy, json.loads((copy / "manifest.json").read_text())
+
+
+def test_truncated_shard_is_named_with_both_sizes(prepared, tmp_path):
+    copy, manifest = _copy(prepared, tmp_path)
+    name = manifest["splits"]["train"]["shards"][0]
+    raw = (copy / name).read_bytes()
+    (copy / name).write_bytes(raw[:-16])
+    with pytest.raises(ShardsError) as info:
+        open_shards(str(copy))[0]
+    message = str(info.value)
+    assert f"{copy / name} is {len(raw) - 16} bytes but" in message and f"recorded {len(raw)}" in message
+    assert "run dataprep again with --overwrite" in message and "\n" not in message
+
+
+def test_shard_the_manifest_does_not_record_is_refused(prepared, tmp_path):
+    copy, manifest = _copy(prepared, tmp_path)
+    name = manifest["splits"]["train"]["shards"][0]
+    del manifest["files"][name]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardsError, match=f"lists shard {name} but records no size or sha256"):
+        open_shards(str(copy))[0]
+
+
+def test_committed_shard_with_a_corrupt_header_is_one_sentence(prepared, tmp_path):
+    import hashlib
+
+    copy, manifest = _copy(prepared, tmp_path)
+    name = manifest["splits"]["train"]["shards"][0]
+    raw = bytearray((copy / name).read_bytes())
+    raw[8] = ord("[")  # the header's JSON is no longer a map
+    (copy / name).write_bytes(bytes(raw))
+    manifest["files"][name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardsError, match=f"shard {copy / name} is unreadable"):
+        open_shards(str(copy))[0]
+
+
+def test_stored_labels_are_final_every_sequence_start_is_ignored(prepared):
+    from pipelora.rows import IGNORE_INDEX, mask_sequence_starts
+
+    for split in ("train", "eval"):
+        ds = open_shards(prepared, split=split)
+        for i in range(len(ds)):
+            row = ds[i]
+            starts = row["position_ids"] == 0
+            assert starts[0] and (row["labels"][starts] == IGNORE_INDEX).all()
+            # a reader applying the contract again changes nothing
+            again = mask_sequence_starts(row["labels"].copy(), row["position_ids"])
+            assert np.array_equal(again, row["labels"])

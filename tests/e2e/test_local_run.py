@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,32 +16,42 @@ import yaml
 from safetensors import safe_open
 
 from pipelora.config import load_spec
+from pipelora.launch import RELAY_DIR_ENV
+from pipelora.runlog import read_rank_logs
 from pipelora.storage import open_storage
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """One run shared by the assertions below; returns (config, run folder, combined output)."""
-    root = tmp_path_factory.mktemp("local-run")
-    config = root / "job.yaml"
+def write_config(root: Path, name: str, *, steps: int = STEPS) -> Path:
+    config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "e2e-local",
+        "name": name,
         "storage": {"uri": str(root / "runs")},
         "model": {"uri": str(root / "models" / "tiny-mistral")},
         "dataset": {"uri": str(root / "datasets" / "learnable.jsonl"), "seq_len": 64, "eval_fraction": 0.1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "parallel": {"stages": 2, "nodes": 1, "gpus_per_node": 2, "micro_batch_size": 2, "micro_batches": 4},
-        "training": {"max_steps": STEPS, "lr": 2.0e-3, "warmup_steps": 1, "checkpoint_every_steps": 2,
+        "training": {"max_steps": steps, "lr": 2.0e-3, "warmup_steps": 1, "checkpoint_every_steps": 2,
                      "keep_checkpoints": 1, "eval_every_steps": 2, "eval_batches": 2,
                      "activation_checkpointing": False, "dtype": "fp32"},
     }))
-    # what the chart sets for worker pods; here a file stands in for the pod's /proc/1/fd/1
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PIPELORA_MIRROR_LOG": str(root / "mirror.log")}
+    return config
+
+
+CLI = str(Path(sys.executable).parent / "pipelora-k8s")
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """One run shared by the assertions below; returns (config, run folder, combined output)."""
+    root = tmp_path_factory.mktemp("local-run")
+    config = write_config(root, "e2e-local")
+    # what the launcher sets on a cluster: each rank appends its lines here for its pod's entrypoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1", RELAY_DIR_ENV: str(root / "relay")}
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "pipelora-k8s"), "run", "--config", str(config)],
+        [CLI, "run", "--config", str(config)],
         cwd=root, env=env, capture_output=True, text=True, timeout=1200,
     )
     output = proc.stdout + proc.stderr
@@ -84,13 +96,48 @@ def test_every_stage_logs_tagged_lines_through_mpirun(local_run: tuple[Path, Pat
     assert "[1,0]<stdout>:[stage 1/2" in output and "[1,1]<stdout>:[stage 2/2" in output
 
 
-def test_ranks_mirror_their_lines_where_worker_pod_logs_read_them(local_run: tuple[Path, Path, str]) -> None:
+def test_ranks_relay_their_lines_and_keep_them_in_storage(local_run: tuple[Path, Path, str]) -> None:
     _, run, _ = local_run
-    mirror = (run.parent.parent / "mirror.log").read_text().splitlines()
-    for stage in (1, 2):
-        steps = {line.split(" step ")[1].split("/")[0] for line in mirror
+    storage = open_storage(str(run))
+    for rank, stage in ((0, 1), (1, 2)):
+        relayed = (run.parent.parent / "relay" / f"rank-{rank:05d}.log").read_text().splitlines()
+        steps = {line.split(" step ")[1].split("/")[0] for line in relayed
                  if line.startswith(f"[stage {stage}/2 dp 0/1] step ") and " loss " in line}
-        assert steps == {str(s) for s in range(1, STEPS + 1)}, mirror
+        assert steps == {str(s) for s in range(1, STEPS + 1)}, relayed
+        durable = read_rank_logs(storage, load_spec(run / "local" / "job.yaml").layout, [rank])
+        assert [line for line in durable if " step " in line and " loss " in line] == \
+            [line for line in relayed if " step " in line and " loss " in line]
+
+
+def test_ctrl_c_commits_a_checkpoint_and_the_rerun_resumes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "e2e-interrupt", steps=6)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([CLI, "run", "--config", str(config)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "[stage 2/2 dp 0/1] step 2/6 " in line:
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground command
+                break
+        lines += proc.communicate(timeout=600)[0].splitlines(keepends=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines)
+    assert proc.returncode == 75, output[-4000:]
+    found = re.search(r"preempted at step (\d+), checkpoint committed; run the same command again", output)
+    assert found, output[-4000:]
+    step = int(found.group(1))
+    run = tmp_path / "runs" / "e2e-interrupt"
+    assert (run / "checkpoints" / f"step-{step:08d}" / "COMMITTED").exists()
+    again = subprocess.run([CLI, "run", "--config", str(config)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=1200)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert f"(step {step})" in again.stdout and "resumed from" in again.stdout
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["state"] == "finished" and [s for s, _ in progress["losses"]] == list(range(1, 7))
 
 
 def test_the_executed_commands_are_the_charts(local_run: tuple[Path, Path, str]) -> None:

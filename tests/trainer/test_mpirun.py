@@ -111,12 +111,78 @@ def test_exported_adapter_reproduces_the_trainer_logits_through_peft(one_and_two
     assert (peft_logits - base_logits).abs().max() > 1e-3  # the adapter is trained, not the zero init
 
 
-def test_resume_after_kill_minus_9_continues_exactly(s3_world) -> None:
-    overrides = {"lora.dropout": 0.1}  # dropout: the resumed run must also restore the RNG
-    reference = check(s3_world.train(2, s3_world.write_spec(s3_world.spec("resume-ref", **overrides))))
-    expected = s3_world.read_json("runs/resume-ref/progress.json")
+DROPOUT = {"lora.dropout": 0.1}  # dropout: a resumed run must also restore the RNG
 
-    config = s3_world.write_spec(s3_world.spec("resume", **overrides))
+
+@pytest.fixture(scope="module")
+def uninterrupted(s3_world) -> dict[str, Any]:
+    """The 2-stage run the interrupted ones must reproduce: its output, progress and adapter bytes."""
+    done = check(s3_world.train(2, s3_world.write_spec(s3_world.spec("resume-ref", **DROPOUT))))
+    adapter = s3_world.client().get_object(Bucket=s3_world.bucket,
+                                           Key="runs/resume-ref/adapter/adapter_model.safetensors")["Body"].read()
+    return {"done": done, "progress": s3_world.read_json("runs/resume-ref/progress.json"), "adapter": adapter}
+
+
+def adapter_bytes(s3_world, name: str) -> bytes:
+    key = f"runs/{name}/adapter/adapter_model.safetensors"
+    return s3_world.client().get_object(Bucket=s3_world.bucket, Key=key)["Body"].read()
+
+
+def test_sigterm_to_one_rank_checkpoints_every_rank_at_one_step(s3_world, uninterrupted) -> None:
+    config = s3_world.write_spec(s3_world.spec("preempt", **DROPOUT))
+    proc = subprocess.Popen(s3_world.train_cmd(2, config), env=s3_world.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    signalled = False
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if re.match(r"^\[stage 1/2 dp 0/1\] step 2/6 ", line):
+                ranks = psutil.Process(proc.pid).children()
+                assert len(ranks) == 2
+                ranks[-1].send_signal(signal.SIGTERM)  # one rank only, as when one pod is evicted
+                signalled = True
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert signalled, "the run never reached step 2"
+    assert proc.returncode != 0, "a preempted run must not report success"
+    stopped = re.findall(r"\[stage (\d)/2 dp 0/1\] preempted at step (\d+), checkpoint committed \((.*)\)", out)
+    assert sorted(s for s, _, _ in stopped) == ["1", "2"], out + err
+    steps = {int(n) for _, n, _ in stopped}
+    assert len(steps) == 1  # the ranks agreed on one step
+    step = steps.pop()
+    assert 2 <= step < 6
+    causes = {s: c for s, _, c in stopped}
+    assert re.fullmatch(r"[\d.]+s after SIGTERM on this rank", causes["2"]) and causes["1"] == "signalled on another rank"
+    marker = s3_world.read_json(f"runs/preempt/checkpoints/step-{step:08d}/COMMITTED")
+    assert marker["step"] == step
+    assert s3_world.read_json("runs/preempt/progress.json")["state"] == "preempted"
+    assert "preempted at step" in err and "Traceback" not in err
+    # every rank's lines also went to storage, the last one included
+    durable = s3_world.client().get_object(Bucket=s3_world.bucket, Key="runs/preempt/logs/rank-00001.log")
+    assert f"preempted at step {step}, checkpoint committed" in durable["Body"].read().decode()
+
+    done = check(s3_world.train(2, config))
+    assert f"resumed from s3://{s3_world.bucket}/runs/preempt/checkpoints/step-{step:08d} (step {step})" in done.stdout
+    got = s3_world.read_json("runs/preempt/progress.json")
+    assert got["losses"] == uninterrupted["progress"]["losses"]
+    assert got["state"] == "finished"
+    assert adapter_bytes(s3_world, "preempt") == uninterrupted["adapter"]  # byte for byte
+
+
+def test_checkpoint_every_minutes_fires_without_the_step_count(s3_world) -> None:
+    spec = s3_world.spec("timed", **{"training.max_steps": 3, "training.checkpoint_every_steps": 1000,
+                                     "training.checkpoint_every_minutes": 0.0001, "training.eval_every_steps": 3})
+    done = check(s3_world.train(2, s3_world.write_spec(spec)))
+    committed = [int(n) for n in re.findall(r"checkpoint step (\d+) committed", done.stdout)]
+    assert committed == [1, 2, 3]  # 6 ms: every step is slower than that, though 1000 steps never pass
+    assert re.search(r"step agreement [\d.]+s of [\d.]+s training", done.stdout)
+
+
+def test_resume_after_kill_minus_9_continues_exactly(s3_world, uninterrupted) -> None:
+    reference, expected = uninterrupted["done"], uninterrupted["progress"]
+    config = s3_world.write_spec(s3_world.spec("resume", **DROPOUT))
     proc = subprocess.Popen(s3_world.train_cmd(2, config), env=s3_world.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     killed = None
@@ -191,6 +257,11 @@ def _bad_cases(world, one_layer: str, free_port: int) -> dict[str, tuple[dict[st
     }
 
 
+# S3 retries back off with random jitter: with several attempts the ranks would give up seconds
+# apart, and mpirun ends the job (and the slower rank, before it reports) at the first failure.
+_BAD_CASE_ENV = {"unreachable-storage": {"PIPELORA_S3_MAX_ATTEMPTS": "1"}}
+
+
 @pytest.mark.parametrize("case", ["missing-model", "world-size", "too-many-stages", "unreachable-storage"])
 def test_bad_input_is_one_clear_error_on_every_rank(case: str, s3_world, one_layer_model: str) -> None:
     import socket
@@ -201,7 +272,7 @@ def test_bad_input_is_one_clear_error_on_every_rank(case: str, s3_world, one_lay
     overrides, ranks, message = _bad_cases(s3_world, one_layer_model, port)[case]
     name = f"bad-{case}"
     config = s3_world.write_spec(s3_world.spec(name, **overrides), copy_data=case != "unreachable-storage")
-    done = s3_world.train(ranks, config)
+    done = s3_world.train(ranks, config, **_BAD_CASE_ENV.get(case, {}))
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: [rank")]
     assert sorted(e.split("]")[0] for e in errors) == ["error: [rank 0", "error: [rank 1"], done.stderr[-3000:]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelora.storage import ObjectInfo, open_storage
+from pipelora.layout import RunLayout
+from pipelora.storage import ObjectInfo, StorageError, open_storage
 from pipelora.trainer import checkpoint as ckpt
 from pipelora.trainer.data import MicroBatchStream
 from pipelora.trainer.errors import TrainerError
@@ -125,42 +126,99 @@ def test_too_little_data_is_one_clear_error() -> None:
 
 def test_pruning_keeps_the_newest_committed_and_never_touches_uncommitted(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
-    root = str(tmp_path / "checkpoints")
+    layout = RunLayout(str(tmp_path))
     for step in (2, 4, 6, 8):
-        folder = ckpt.step_dir(root, step)
-        info = storage.write_bytes(f"{folder}/stage-00-lora.safetensors", b"x" * step)
+        info = storage.write_bytes(f"{layout.checkpoint(step)}/stage-00-lora.safetensors", b"x" * step)
         if step != 8:
-            storage.commit(f"{folder}/{ckpt.MARKER}", [info], {"step": step})
-    assert ckpt.committed_steps(storage, root) == [2, 4, 6]
-    assert ckpt.prune(storage, root, keep=2) == [2]
-    assert ckpt.committed_steps(storage, root) == [4, 6]
-    assert storage.exists(f"{ckpt.step_dir(root, 8)}/stage-00-lora.safetensors")
-    assert not storage.exists(f"{ckpt.step_dir(root, 2)}/stage-00-lora.safetensors")
+            storage.commit(layout.checkpoint_marker(step), [info], {"step": step})
+    assert ckpt.committed_steps(storage, layout) == [2, 4, 6]
+    assert ckpt.prune(storage, layout, keep=2) == [2]
+    assert ckpt.committed_steps(storage, layout) == [4, 6]
+    assert storage.exists(f"{layout.checkpoint(8)}/stage-00-lora.safetensors")
+    assert not storage.exists(f"{layout.checkpoint(2)}/stage-00-lora.safetensors")
+
+
+def _meta(step: int = 2) -> ckpt.CheckpointMeta:
+    return ckpt.CheckpointMeta(step=step, stages=2, data_parallel=1, bounds=(0, 3, 6), consumed_micro_batches=8,
+                               epoch=1, row_in_epoch=4, losses=[[1, 10.5], [2, 9.25]], eval_losses=[[2, 9.5]],
+                               saved_at=123.0)
 
 
 def test_a_modified_checkpoint_file_is_refused(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
-    folder = ckpt.step_dir(str(tmp_path), 2)
+    layout = RunLayout(str(tmp_path))
     from safetensors.torch import save
 
-    info = storage.write_bytes(f"{folder}/stage-00-lora.safetensors", save({"w": torch.ones(2)}))
-    storage.commit(f"{folder}/{ckpt.MARKER}", [ObjectInfo(info.uri, info.size, info.sha256)], {"step": 2})
-    assert torch.equal(ckpt.open_committed(storage, str(tmp_path), 2).lora(0)["w"], torch.ones(2))
-    storage.write_bytes(f"{folder}/stage-00-lora.safetensors", save({"w": torch.zeros(2)}))
-    with pytest.raises(TrainerError, match="does not match its sha256"):
-        ckpt.open_committed(storage, str(tmp_path), 2).lora(0)
+    info = storage.write_bytes(f"{layout.checkpoint(2)}/stage-00-lora.safetensors", save({"w": torch.ones(2)}))
+    ckpt.commit(storage, layout, [ObjectInfo(info.uri, info.size, info.sha256)], _meta())
+    assert torch.equal(ckpt.open_committed(storage, layout, 2).lora(0)["w"], torch.ones(2))
+    storage.write_bytes(f"{layout.checkpoint(2)}/stage-00-lora.safetensors", save({"w": torch.zeros(2)}))
+    with pytest.raises(StorageError, match="does not match the sha256"):
+        ckpt.open_committed(storage, layout, 2).lora(0)
 
 
-def test_log_lines_follow_the_documented_format_and_are_mirrored(tmp_path: Path, monkeypatch, capsys) -> None:
-    from pipelora.trainer.progress import emit, step_line
+def test_checkpoint_meta_round_trips_through_the_committed_marker(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path))
+    layout = RunLayout(str(tmp_path))
+    meta = _meta(4)
+    info = storage.write_bytes(f"{layout.checkpoint(4)}/rank-00000-rng.pt", b"rng")
+    ckpt.commit(storage, layout, [info], meta)
+    marker = storage.read_marker(layout.checkpoint_marker(4))
+    assert marker is not None and set(marker) == {*meta.to_marker(), "files"}
+    assert marker["bounds"] == [0, 3, 6] and marker["consumed_micro_batches"] == 8
+    assert ckpt.open_committed(storage, layout, 4).meta == meta
+    with pytest.raises(TrainerError, match="has no stages, bounds"):
+        ckpt.CheckpointMeta.from_marker({"step": 4, "data_parallel": 1}, where="ckpt")
+
+
+def test_a_checkpoint_of_another_cut_is_refused_in_one_sentence() -> None:
+    meta = _meta()
+    meta.check_compatible(stages=2, data_parallel=1, bounds=(0, 3, 6), where="s3://b/run/ckpt")
+    with pytest.raises(TrainerError) as err:
+        meta.check_compatible(stages=2, data_parallel=2, bounds=(0, 4, 6), where="s3://b/run/ckpt")
+    assert str(err.value) == (
+        "checkpoint s3://b/run/ckpt was written with 2 stages x 1 data-parallel (items [0, 3, 6]), this run has "
+        "2 x 2 ([0, 4, 6]); resume with the same parallel settings or use a new run name"
+    )
+
+
+def test_new_meta_records_the_data_position_of_the_stream() -> None:
+    meta = ckpt.new_meta(step=6, stages=1, data_parallel=1, bounds=(0, 6),
+                         data_position={"consumed_micro_batches": 24, "epoch": 2, "row_in_epoch": 8},
+                         losses=[[6, 1.0]], eval_losses=[])
+    assert (meta.consumed_micro_batches, meta.epoch, meta.row_in_epoch) == (24, 2, 8)
+    assert meta.saved_at > 0
+
+
+def test_log_lines_follow_the_documented_format_and_reach_the_relay(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipelora.launch import RELAY_DIR_ENV
+    from pipelora.rankrelay import relay_from_env
+    from pipelora.trainer.progress import add_sink, emit, remove_sink, step_line
 
     line = step_line(stage=2, stages=8, dp=0, dps=1, step=120, max_steps=1000, loss=1.2341, lr=1.9e-4,
                      tokens_per_s=5120.4, mem_gib=41.23, eta_s=42 * 60 + 10)
     assert line == "[stage 3/8 dp 0/1] step 120/1000 loss 1.234 lr 1.9e-04 tok/s 5120 mem 41.2GiB eta 0:42:10"
-    mirror = tmp_path / "mirror.log"
-    monkeypatch.setenv("PIPELORA_MIRROR_LOG", str(mirror))
-    emit(line)
+    monkeypatch.setenv(RELAY_DIR_ENV, str(tmp_path / "ranks"))
+    relay = relay_from_env(3)
+    assert relay is not None
+    add_sink(relay)
+    try:
+        emit(line)
+    finally:
+        remove_sink(relay)
+        relay.close()
     assert capsys.readouterr().out == line + "\n"
-    assert mirror.read_text() == line + "\n"
-    monkeypatch.setenv("PIPELORA_MIRROR_LOG", str(tmp_path / "missing-dir" / "x.log"))
-    emit(line)  # an unwritable mirror is ignored
+    assert (tmp_path / "ranks" / "rank-00003.log").read_text() == line + "\n"
+
+
+def test_a_relay_that_cannot_write_says_so_once_and_never_raises(tmp_path: Path, capsys) -> None:
+    from pipelora.rankrelay import RankRelay
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    relay = RankRelay(blocker, 0)
+    relay.write("one")
+    relay.write("two")
+    err = capsys.readouterr().err
+    assert err.count("cannot relay this rank's lines") == 1 and str(blocker) in err
+

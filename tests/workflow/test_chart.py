@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from pipelora.config import spec_from_dict
+from pipelora.launch import CLUSTER_HOSTFILE, POD_RUNTIME_DIR
 from pipelora.workflow import helm
-from pipelora.workflow.commands import CLUSTER_CONFIG_PATH, CLUSTER_HOSTFILE, job_commands
+from pipelora.workflow.commands import CLUSTER_CONFIG_PATH, job_commands
+from pipelora.workflow.names import ReleaseNames
 from pipelora.workflow.rules import ManifestError, check_release, controller_problems, parse_manifests
 from pipelora.workflow.runner import local_commands
 from pipelora.workflow.values import chart_values, split_image
@@ -118,10 +120,12 @@ def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str
     return []
 
 
-def test_helm_lint_passes() -> None:
+def test_helm_lint_passes(tmp_path: Path) -> None:
     spec = spec_from_dict(VALUE_SETS["two-nodes-8-stages-secrets"])
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values(spec)))
     proc = subprocess.run(
-        [helm.find_helm(), "lint", "--strict", str(helm.chart_path()), "--set-string", f"jobSpec={spec.to_yaml()}"],
+        [helm.find_helm(), "lint", "--strict", str(helm.chart_path()), "-f", str(values)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -132,7 +136,7 @@ def test_helm_lint_passes() -> None:
 def test_core_objects_pass_kubernetes_schemas(rendered: dict, key: str) -> None:
     objects = rendered[key]
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Job", "MPIJob"]
+    assert kinds == ["ConfigMap", "Job", "MPIJob", "Role", "RoleBinding", "ServiceAccount"]
     for obj in objects:
         if obj["kind"] == "MPIJob":
             for role, rs in obj["spec"]["mpiReplicaSpecs"].items():
@@ -171,8 +175,16 @@ def test_worker_pods_run_sshd_non_root_with_shm_and_gpus(rendered: dict) -> None
     mpijob = by_kind(rendered["two-nodes-8-stages-secrets"], "MPIJob")
     pod = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]["template"]
     container = pod["spec"]["containers"][0]
-    assert container["command"] == ["/usr/sbin/sshd", "-De", "-f", "/home/mpiuser/.sshd/sshd_config"]
-    assert container["readinessProbe"]["tcpSocket"]["port"] == 2222
+    commands = job_commands(spec_from_dict(VALUE_SETS["two-nodes-8-stages-secrets"]))
+    # PID 1 is the worker entrypoint (sshd is its child), given the grace period less a margin
+    assert container["command"] == [*commands.worker, "--grace-seconds", "290"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 300
+    # readiness tests the entrypoint's file: no TCP connection, so nothing in sshd's log
+    assert container["readinessProbe"]["exec"]["command"] == commands.worker_ready
+    assert "tcpSocket" not in container["readinessProbe"]
+    runtime = next(v for v in pod["spec"]["volumes"] if v["name"] == "pod-runtime")
+    assert runtime["emptyDir"]["medium"] == "Memory"
+    assert {"name": "pod-runtime", "mountPath": POD_RUNTIME_DIR} in container["volumeMounts"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -212,7 +224,8 @@ def test_secrets_only_by_reference(rendered: dict, monkeypatch: pytest.MonkeyPat
     objects = parse_manifests(text)
     containers = [c for rs in by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"].values()
                   for c in rs["template"]["spec"]["containers"] + rs["template"]["spec"].get("initContainers", [])]
-    containers += by_kind(objects, "Job")["spec"]["template"]["spec"]["containers"]
+    job_pod = by_kind(objects, "Job")["spec"]["template"]["spec"]
+    containers += job_pod["containers"] + job_pod.get("initContainers", [])
     for container in containers:
         env = {e["name"]: e for e in container["env"]}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "pipelora-s3", "key": "AWS_ACCESS_KEY_ID"}
@@ -234,16 +247,18 @@ def test_configmap_holds_the_resolved_spec(rendered: dict) -> None:
 def test_rendered_commands_equal_the_local_runners(rendered: dict, tmp_path: Path) -> None:
     spec = spec_from_dict(VALUE_SETS["two-nodes-8-stages-secrets"])
     objects = rendered["two-nodes-8-stages-secrets"]
-    job = by_kind(objects, "Job")["spec"]["template"]["spec"]["containers"][0]
+    job = by_kind(objects, "Job")["spec"]["template"]["spec"]
     launcher = by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
     cluster = job_commands(spec)
-    assert job["command"] == cluster.dataprep
+    assert job["initContainers"][0]["command"] == cluster.dataprep
+    assert job["containers"][0]["command"] == cluster.release_training
     assert launcher["initContainers"][0]["command"] == cluster.wait_for_data
     assert launcher["containers"][0]["command"] == cluster.launcher
     argv = cluster.launcher
     assert argv[:5] == ["mpirun", "--hostfile", CLUSTER_HOSTFILE, "-np", "8"]
     assert argv[-4:] == ["pipelora-k8s", "train", "--config", CLUSTER_CONFIG_PATH]
-    assert "PIPELORA_MIRROR_LOG=/proc/1/fd/1" in argv and "--tag-output" in argv
+    assert f"PIPELORA_RANK_RELAY_DIR={POD_RUNTIME_DIR}/ranks" in argv and "--tag-output" in argv
+    assert not any("/proc/1/fd" in a for a in argv)
     assert "MASTER_ADDR=alpaca-mistral-worker-0.alpaca-mistral" in argv
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "PATH"} <= set(argv)
 
@@ -317,3 +332,88 @@ def test_custom_scheduling_values_reach_every_pod(rendered: dict) -> None:
     launcher = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["command"]
     # extra env names are forwarded to the ranks by name
     assert "NCCL_DEBUG" in launcher and "DS_ACCELERATOR" in launcher
+
+
+def test_mpijob_is_suspended_until_dataprep_releases_it(rendered: dict) -> None:
+    objects = rendered["two-nodes-no-secrets"]
+    assert by_kind(objects, "MPIJob")["spec"]["runPolicy"]["suspend"] is True
+    job = by_kind(objects, "Job")["spec"]["template"]["spec"]
+    # dataprep is an init container: a failed dataprep never reaches the release container
+    assert [c["name"] for c in job["initContainers"]] == ["dataprep"]
+    assert [c["name"] for c in job["containers"]] == ["release"]
+    assert job["restartPolicy"] == "Never"
+
+
+def test_gating_off_leaves_suspend_to_a_queue() -> None:
+    spec = spec_from_dict(base_spec(cluster={"values": {"gating": {"enabled": False}}}))
+    objects = parse_manifests(helm.template(spec.name, chart_values(spec), namespace="ml"))
+    assert by_kind(objects, "MPIJob")["spec"]["runPolicy"]["suspend"] is False
+    job = by_kind(objects, "Job")["spec"]["template"]["spec"]
+    assert "initContainers" not in job and [c["name"] for c in job["containers"]] == ["dataprep"]
+    launcher = by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    assert launcher["initContainers"][0]["command"] == job_commands(spec).wait_for_data
+
+
+def test_rbac_reaches_only_the_releases_own_objects(rendered: dict) -> None:
+    objects = rendered["two-nodes-no-secrets"]
+    names = ReleaseNames("alpaca-mistral")
+    role = by_kind(objects, "Role")
+    assert role["metadata"]["name"] == names.gate_role
+    rules = {(r["apiGroups"][0], r["resources"][0]): r for r in role["rules"]}
+    assert set(rules) == {("kubeflow.org", "mpijobs"), ("batch", "jobs")}
+    assert rules["kubeflow.org", "mpijobs"]["resourceNames"] == [names.mpijob]
+    assert sorted(rules["kubeflow.org", "mpijobs"]["verbs"]) == ["get", "patch"]
+    assert rules["batch", "jobs"]["resourceNames"] == [names.dataprep_job]
+    assert rules["batch", "jobs"]["verbs"] == ["get"]
+    assert all("*" not in json.dumps(r) for r in role["rules"])
+    binding = by_kind(objects, "RoleBinding")
+    assert binding["roleRef"]["name"] == names.gate_role
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": names.service_account, "namespace": "ml"}]
+    assert by_kind(objects, "ServiceAccount")["metadata"]["name"] == names.service_account
+    pods = [by_kind(objects, "Job")["spec"]["template"]["spec"]]
+    pods += [rs["template"]["spec"] for rs in by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"].values()]
+    assert {p["serviceAccountName"] for p in pods} == {names.service_account}
+
+
+def test_existing_service_account_gets_the_role_and_no_new_one() -> None:
+    spec = spec_from_dict(base_spec(cluster={"values": {"serviceAccountName": "irsa-trainer"}}))
+    objects = parse_manifests(helm.template(spec.name, chart_values(spec), namespace="ml"))
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert by_kind(objects, "RoleBinding")["subjects"][0]["name"] == "irsa-trainer"
+
+
+def test_launcher_never_restarts_in_place(rendered: dict) -> None:
+    mpijob = by_kind(rendered["one-node"], "MPIJob")
+    assert mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["restartPolicy"] == "Never"
+    spec = spec_from_dict(base_spec(cluster={"values": {"launcher": {"restartPolicy": "OnFailure"}}}))
+    with pytest.raises(helm.HelmError, match="restartPolicy"):
+        helm.template(spec.name, chart_values(spec))
+
+
+def test_object_names_agree_with_release_names(rendered: dict) -> None:
+    names = ReleaseNames("alpaca-mistral")
+    objects = rendered["two-nodes-no-secrets"]
+    assert by_kind(objects, "MPIJob")["metadata"]["name"] == names.mpijob
+    assert by_kind(objects, "Job")["metadata"]["name"] == names.dataprep_job
+    assert by_kind(objects, "ConfigMap")["metadata"]["name"] == names.config_map
+    launcher = by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    assert f"MASTER_ADDR={names.worker_host(0)}" in launcher["containers"][0]["command"]
+    labels = by_kind(objects, "MPIJob")["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
+    selector = dict(kv.split("=") for kv in names.selector("worker").split(","))
+    assert selector.items() <= labels.items()
+
+
+def test_name_overrides_are_refused() -> None:
+    spec = spec_from_dict(base_spec())
+    for key in ("fullnameOverride", "nameOverride"):
+        with pytest.raises(helm.HelmError, match=key):
+            helm.template(spec.name, {**chart_values(spec), key: "other"})
+    # a release installed under another name than the spec's would break status, logs and MASTER_ADDR
+    with pytest.raises(helm.HelmError, match="job spec's name"):
+        helm.template("other-name", chart_values(spec))
+
+
+def test_chart_has_no_second_copy_of_the_commands() -> None:
+    defaults = yaml.safe_load((REPO / "helm" / "pipelora" / "values.yaml").read_text())
+    assert defaults["commands"] == {}
+    assert CLUSTER_HOSTFILE not in (REPO / "helm" / "pipelora" / "values.yaml").read_text()

@@ -50,11 +50,17 @@ def test_submit_rejects_a_bad_spec_before_touching_a_cluster(tmp_path: Path, cap
 def test_render_to_a_folder_writes_one_file_per_object(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err = run_cli(["render", "--config", str(EXAMPLE), "--out", str(tmp_path / "m")], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "configmap-alpaca-mistral-spec.yaml", "job-alpaca-mistral-dataprep.yaml", "mpijob-alpaca-mistral.yaml"]
+    written = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert {"configmap-alpaca-mistral-spec.yaml", "job-alpaca-mistral-dataprep.yaml",
+            "mpijob-alpaca-mistral.yaml"} <= set(written)
+    assert sorted(out.split()) == sorted(str(tmp_path / "m" / name) for name in written)
     job = yaml.safe_load((tmp_path / "m" / "job-alpaca-mistral-dataprep.yaml").read_text())
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "pipelora-k8s", "dataprep", "--config", "/etc/pipelora/job.yaml"]
+    pod = job["spec"]["template"]["spec"]
+    # dataprep first; the MPIJob is resumed only after it succeeded (a failed init container stops the pod).
+    dataprep = next(c for c in pod["initContainers"] if c["name"] == "dataprep")
+    assert dataprep["command"] == ["pipelora-k8s", "dataprep", "--config", "/etc/pipelora/job.yaml"]
+    release = next(c for c in pod["containers"] if c["name"] == "release")
+    assert release["command"] == ["pipelora-k8s", "release-training", "--config", "/etc/pipelora/job.yaml"]
 
 
 def test_unreachable_cluster_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture,

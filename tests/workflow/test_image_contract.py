@@ -1,8 +1,9 @@
-"""The image contract: the Dockerfile, the chart and the image workflow must agree.
+"""The image contract: the Dockerfile, the files it ships, the chart and the image workflow agree.
 
-No container engine runs here, so the image is checked by reading what builds it: the chart's
-rendered pods start programs the image installs, as the user and on the port the image sets up,
-with the Secret mounted where the image's sshd expects it; the image workflow pushes exactly the
+Read from what builds the image (test_image_build.py builds and runs it): the chart's rendered
+pods start programs the image installs, as the user and on the port the image sets up, with the
+Secret mounted where the image's sshd expects it; no host key is baked in; the layers are ordered
+so that a code change rebuilds only the project's own; the image workflow pushes exactly the
 repository and tags the chart (and the job spec's default) pull.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +31,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest brings tomli there
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pipelora"
+IMAGE_FILES = REPO / "image"
 IMAGE_WORKFLOW = REPO / ".github" / "workflows" / "image.yml"
 TEST_WORKFLOW = REPO / ".github" / "workflows" / "test.yml"
 
@@ -42,6 +43,8 @@ SSH_PORT = 2222
 
 # Programs a chart container may start, and the Debian/Ubuntu package of the image that provides each.
 PROGRAM_PACKAGES = {"mpirun": "openmpi-bin", "/usr/sbin/sshd": "openssh-server", "sshd": "openssh-server"}
+# Programs every Debian and Ubuntu base has (coreutils, bash): fine for probes.
+BASE_PROGRAMS = {"test", "cat", "sh", "bash", "/bin/sh", "/bin/bash"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,7 +56,6 @@ class Instruction:
     stage: str
     keyword: str
     args: str
-    heredoc: str | None = None
 
 
 @dataclass
@@ -75,18 +77,20 @@ class Dockerfile:
             out[name.strip() or base] = base
         return out
 
-    def heredoc_file(self, dest: str) -> str:
+    def copied_file(self, dest: str) -> Path:
+        """The file of the repository the image ships at `dest` (a plain COPY from the context)."""
         for ins in self.of("COPY"):
-            if ins.heredoc is not None and ins.args.split()[-1] == dest:
-                return ins.heredoc
-        raise AssertionError(f"the Dockerfile writes no {dest} with a heredoc COPY")
+            words = [w for w in ins.args.split() if not w.startswith("--")]
+            if not ins.args.startswith("--from") and len(words) == 2 and words[1] == dest:
+                return REPO / words[0]
+        raise AssertionError(f"the Dockerfile copies no file of the repository to {dest}")
 
     def runs(self) -> list[str]:
         return [i.args for i in self.of("RUN")]
 
 
 def parse_dockerfile(text: str) -> Dockerfile:
-    """Instructions with continuations joined, comments dropped and heredoc bodies attached."""
+    """Instructions with continuations joined and comments dropped."""
     result = Dockerfile()
     lines = text.splitlines()
     stage = ""
@@ -104,22 +108,13 @@ def parse_dockerfile(text: str) -> Dockerfile:
             line = line[:-1] + " " + nxt.strip()
         keyword, _, args = line.strip().partition(" ")
         keyword = keyword.upper()
-        heredoc = None
-        marker = re.search(r"<<-?'?\"?(\w+)'?\"?", args)
-        if marker and keyword in {"COPY", "RUN"}:
-            body = []
-            while n < len(lines) and lines[n] != marker.group(1):
-                body.append(lines[n])
-                n += 1
-            n += 1
-            heredoc = "\n".join(body) + "\n"
         if keyword == "FROM":
             base, _, name = args.partition(" AS ")
             stage = name.strip() or base.strip()
         if keyword == "ARG" and not stage:
             key, _, value = args.partition("=")
             result.global_args[key.strip()] = value.strip()
-        result.instructions.append(Instruction(stage, keyword, args.strip(), heredoc))
+        result.instructions.append(Instruction(stage, keyword, args.strip()))
     return result
 
 
@@ -141,7 +136,7 @@ def dockerfile() -> Dockerfile:
 
 @pytest.fixture(scope="module")
 def sshd(dockerfile: Dockerfile) -> dict[str, list[str]]:
-    return ssh_options(dockerfile.heredoc_file(SSHD_CONFIG))
+    return ssh_options(dockerfile.copied_file(SSHD_CONFIG).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -172,24 +167,30 @@ def chart_meta() -> dict[str, Any]:
     return yaml.safe_load(chart_file("Chart.yaml").read_text())
 
 
-def helm_binary() -> str:
-    candidate = Path(sys.executable).parent / "helm"
-    found = str(candidate) if candidate.exists() else shutil.which("helm")
-    if not found:
-        pytest.fail("helm is not installed: `make setup` puts it into .venv/bin")
-    return found
+def job_spec(**cluster_values: Any) -> Any:
+    """A small job spec, with `cluster.values` as given (what `submit` and `render` start from)."""
+    from pipelora.config import spec_from_dict
 
-
-def render(*flags: str) -> list[dict[str, Any]]:
-    chart_file("values.yaml")
-    proc = subprocess.run(
-        [helm_binary(), "template", "demo", str(CHART), "--set-string", "jobSpec=name: demo", *flags],
-        capture_output=True,
-        text=True,
-        check=False,
+    return spec_from_dict(
+        {
+            "name": "demo",
+            "storage": {"uri": "s3://bucket/pipelora"},
+            "model": {"uri": "s3://bucket/models/tiny"},
+            "dataset": {"uri": "s3://bucket/data/alpaca.json"},
+            "parallel": {"stages": 2, "nodes": 2, "gpus_per_node": 1, "micro_batches": 4},
+            "cluster": {"values": cluster_values},
+        }
     )
-    assert proc.returncode == 0, proc.stderr
-    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def render(**cluster_values: Any) -> list[dict[str, Any]]:
+    """The release's objects, rendered as `pipelora-k8s render` does (the chart's values come from code)."""
+    from pipelora.workflow import helm
+    from pipelora.workflow.values import chart_values
+
+    chart_file("values.yaml")
+    spec = job_spec(**cluster_values)
+    return [doc for doc in yaml.safe_load_all(helm.template(spec.name, chart_values(spec))) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -267,14 +268,39 @@ def test_sshd_config_lives_outside_the_secret_mount_and_listens_on_the_chart_por
     assert sshd["allowusers"] == [USER]
 
 
-def test_every_image_host_key_is_generated_at_build(
-    dockerfile: Dockerfile, sshd: dict[str, list[str]]
-) -> None:
-    generated = set(re.findall(r"ssh-keygen [^&]*-f (\S+)", " ".join(dockerfile.runs())))
+def test_the_image_ships_no_host_key(dockerfile: Dockerfile, sshd: dict[str, list[str]]) -> None:
+    """A key baked into a public image is held by everyone who pulls it: the worker entrypoint makes
+    fresh ones at every start, for each `~/.sshd/ssh_host_<type>_key` HostKey of the config."""
+    runs = " ".join(dockerfile.runs())
+    assert "ssh-keygen" not in runs, (
+        "host keys are generated at start by the worker entrypoint, never at build"
+    )
+    # openssh-server's installation generates /etc/ssh host keys: the same RUN removes them.
+    (install,) = [r for r in dockerfile.runs() if re.search(r"apt-get install[^&]*\sopenssh-server", r)]
+    assert re.search(r"rm -f /etc/ssh/ssh_host_\*", install)
+    assert re.search(r"rm -f [^&]*/etc/ssh/ssh_host_\*_key\.pub", install)
     own = [key for key in sshd["hostkey"] if key.startswith(SSHD_DIR + "/")]
     assert own, "sshd has host keys of its own under ~/.sshd (it must start without the Secret too)"
-    assert set(own) <= generated
+    for key in own:
+        assert re.fullmatch(rf"{re.escape(SSHD_DIR)}/ssh_host_(ed25519|ecdsa|rsa)_key", key), key
     assert {key for key in sshd["hostkey"] if key not in own} <= {f"{HOME}/.ssh/id_rsa"}
+
+
+def test_sshd_folder_belongs_to_the_user_alone(dockerfile: Dockerfile) -> None:
+    """~/.sshd holds the generated private keys: uid 1000 owns it and nobody else may read it."""
+    runtime_runs = " ".join(i.args for i in dockerfile.of("RUN", stage="runtime"))
+    copies = [i.args for i in dockerfile.of("COPY", stage="runtime") if i.args.split()[-1] == SSHD_CONFIG]
+    assert copies and copies[0].startswith(f"--chown={UID}:{GID} ")
+    assert re.search(rf"chown -R {UID}:{GID} {HOME}(\s|$)", runtime_runs)
+    assert re.search(rf"chmod 700 [^&]*{re.escape(SSHD_DIR)}(\s|$)", runtime_runs)
+
+
+def test_the_image_config_files_are_repository_files(dockerfile: Dockerfile) -> None:
+    """Podman's builder has no heredoc COPY: what the image ships is a file of image/, copied as is."""
+    assert not [i.args for i in dockerfile.instructions if i.keyword in {"COPY", "RUN"} and "<<" in i.args]
+    for dest in (SSHD_CONFIG, "/etc/ssh/ssh_config.d/50-pipelora.conf"):
+        source = dockerfile.copied_file(dest)
+        assert source.parent == IMAGE_FILES and source.is_file(), source
 
 
 def test_ssh_sessions_get_the_image_path(sshd: dict[str, list[str]], dockerfile: Dockerfile) -> None:
@@ -288,18 +314,45 @@ def test_ssh_sessions_get_the_image_path(sshd: dict[str, list[str]], dockerfile:
 
 
 def test_ssh_client_skips_host_key_checks_and_uses_the_sshd_port(dockerfile: Dockerfile) -> None:
-    conf = ssh_options(dockerfile.heredoc_file("/etc/ssh/ssh_config.d/50-pipelora.conf"))
+    conf = ssh_options(dockerfile.copied_file("/etc/ssh/ssh_config.d/50-pipelora.conf").read_text())
     assert conf["port"] == [str(SSH_PORT)]
     assert conf["stricthostkeychecking"] == ["no"]
     assert conf["userknownhostsfile"] == ["/dev/null"]
 
 
-def test_worker_runs_the_image_sshd_with_a_probe_on_its_port(rendered: list[dict], sshd: dict) -> None:
+def test_worker_runs_the_image_sshd_on_the_chart_port(rendered: list[dict], sshd: dict) -> None:
+    """The worker runs sshd with the image's config: itself, or through the worker entrypoint."""
     worker = worker_container(rendered)
-    assert worker["command"] == ["/usr/sbin/sshd", "-De", "-f", SSHD_CONFIG]
+    argv = [str(a) for a in [*worker["command"], *worker.get("args", [])]]
     port = int(sshd["port"][0])
-    assert worker["readinessProbe"]["tcpSocket"]["port"] == port
     assert [p["containerPort"] for p in worker["ports"]] == [port]
+    probe = worker["readinessProbe"]
+    if "tcpSocket" in probe:
+        assert probe["tcpSocket"]["port"] == port
+    if Path(argv[0]).name == "sshd":
+        assert argv[argv.index("-f") + 1] == SSHD_CONFIG
+        return
+    assert pipelora_subcommands(argv) == ["worker"], argv
+    if "--sshd-config" in argv:
+        assert argv[argv.index("--sshd-config") + 1] == SSHD_CONFIG
+    else:  # the entrypoint's default
+        cli = Path(sys.executable).parent / "pipelora-k8s"
+        proc = subprocess.run([str(cli), "worker", "--help"], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert SSHD_CONFIG in " ".join(proc.stdout.split()), "the worker entrypoint's default sshd config"
+
+
+def test_image_makes_the_pod_runtime_folder_the_worker_writes(dockerfile: Dockerfile) -> None:
+    """The entrypoint writes its ready file and the ranks' relay under the pod's runtime folder (an
+    emptyDir in the chart); the image has it too, writable by uid 1000, so the worker also runs in a
+    bare container."""
+    from pipelora.workflow.values import chart_values
+
+    folder = chart_values(job_spec()).get("podRuntimeDir")
+    assert folder, "the chart values name the pod runtime folder"
+    runtime_runs = " ".join(i.args for i in dockerfile.of("RUN", stage="runtime"))
+    assert re.search(rf"mkdir -p [^&]*{re.escape(folder)}(\s|$)", runtime_runs)
+    assert re.search(rf"chown {UID}:{GID} [^&]*{re.escape(folder)}(\s|$)", runtime_runs)
 
 
 def test_chart_runs_the_mpi_the_image_installs(rendered: list[dict], dockerfile: Dockerfile) -> None:
@@ -313,25 +366,42 @@ def test_chart_runs_the_mpi_the_image_installs(rendered: list[dict], dockerfile:
 # Commands the chart runs
 
 
+def probe_commands(container: dict[str, Any]) -> list[list[str]]:
+    return [
+        [str(a) for a in container[probe]["exec"]["command"]]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe")
+        if "exec" in container.get(probe, {})
+    ]
+
+
 def test_every_chart_container_starts_a_program_of_the_image(
     rendered: list[dict], dockerfile: Dockerfile, pyproject: dict
 ) -> None:
     apt = " ".join(r for r in dockerfile.runs() if "apt-get install" in r)
     scripts = set(pyproject["project"]["scripts"])
     seen = []
-    for name, container in containers(rendered + render("--set", "gpu.enabled=false")):
-        program = container["command"][0]
+    for name, container in containers(rendered + render(gpu={"enabled": False})):
         seen.append(name)
-        if Path(program).name in scripts:
-            assert "pipelora-k8s" in dockerfile.of("ENTRYPOINT")[-1].args
-        else:
-            assert program in PROGRAM_PACKAGES, f"{name} starts {program}, which the image does not provide"
-            assert PROGRAM_PACKAGES[program] in apt
+        for argv in [[str(a) for a in container["command"]], *probe_commands(container)]:
+            program = argv[0]
+            if Path(program).name in scripts:
+                assert "pipelora-k8s" in dockerfile.of("ENTRYPOINT")[-1].args
+            elif program in BASE_PROGRAMS:
+                continue
+            else:
+                assert program in PROGRAM_PACKAGES, (
+                    f"{name} starts {program}, which the image does not provide"
+                )
+                assert PROGRAM_PACKAGES[program] in apt
     assert {"dataprep/dataprep", "launcher/launcher", "worker/worker"} <= set(seen)
 
 
-def test_every_pipelora_command_the_chart_runs_exists(rendered: list[dict], values: dict) -> None:
-    argvs = [c["command"] for _, c in containers(rendered)] + list(values["commands"].values())
+def test_every_pipelora_command_the_chart_runs_exists(rendered: list[dict]) -> None:
+    from pipelora.workflow.values import chart_values
+
+    argvs = [c["command"] for _, c in containers(rendered)]
+    argvs += [probe for _, c in containers(rendered) for probe in probe_commands(c)]
+    argvs += list(chart_values(job_spec()).get("commands", {}).values())
     subcommands = sorted({sub for argv in argvs for sub in pipelora_subcommands([str(a) for a in argv])})
     assert {"dataprep", "train"} <= set(subcommands)
     cli = Path(sys.executable).parent / "pipelora-k8s"
@@ -428,10 +498,69 @@ def test_both_variants_build_from_one_dockerfile_with_the_cpu_suffix(dockerfile:
         assert f"base-{variant}" in stages
     assert stages["runtime"] == "base-${VARIANT}"
     assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d\d\.04", stages["base-cuda"])
-    assert re.fullmatch(r"python:3\.\d+-slim-\w+", stages["base-cpu"])
-    # The torch build matches the base's CUDA (cu128 ↔ 12.8.x).
-    cuda = re.search(r"cuda:(\d+)\.(\d+)", stages["base-cuda"]).groups()
-    assert dockerfile.global_args["TORCH_CHANNEL"] == f"cu{cuda[0]}{cuda[1]}"
+    # Debian's slim image: debootstrap --variant=minbase makes a faithful stand-in where nothing can
+    # be pulled (scripts/base_image.sh), and bookworm's Python 3.11 matches the cp311 CPU torch wheel.
+    assert re.fullmatch(r"debian:\w+-slim", stages["base-cpu"])
+    assert stages["builder"] == stages["requirements"] == "base-cpu"
+
+
+def test_cuda_base_and_torch_index_agree(dockerfile: Dockerfile) -> None:
+    """torch 2.13 is built for CUDA 12.6 and 13.0 (no 12.8 build any more): the cu<major><minor>
+    index has to match the base's CUDA, and the reason is written next to the choice."""
+    stages = dockerfile.stages()
+    major, minor = re.search(r"cuda:(\d+)\.(\d+)", stages["base-cuda"]).groups()
+    channel = dockerfile.global_args["TORCH_CHANNEL"]
+    assert channel == f"cu{major}{minor}"
+    assert Version(dockerfile.global_args["TORCH_VERSION"]) >= Version("2.12")
+    assert channel in {"cu126", "cu130"}, (
+        "torch 2.12+ publishes CUDA 12.6 and 13.0 builds (13.2 experimental)"
+    )
+    text = (REPO / "Dockerfile").read_text()
+    comment = text[: text.index("ARG CUDA_BASE=")].rsplit("ARG VARIANT", 1)[-1]
+    assert f"{major}.{minor}" in comment and "torch" in comment, "the Dockerfile says why this CUDA base"
+
+
+def test_every_stage_that_runs_pip_takes_the_local_pip_settings(dockerfile: Dockerfile) -> None:
+    """PIP_CERT and PIP_FIND_LINKS, empty by default: GitHub's build stays plain, a local build
+    only mounts its CA bundle and wheel folder and names them (scripts/build_image.sh)."""
+    stages = {i.stage for i in dockerfile.of("RUN") if re.search(r"(^|\s)pip (install|wheel)", i.args)}
+    assert {"builder", "runtime"} <= stages
+    for stage in stages:
+        args = {i.args for i in dockerfile.of("ARG", stage=stage)}
+        assert {'PIP_CERT=""', 'PIP_FIND_LINKS=""'} <= args, stage
+    assert "PIP_CERT" not in dockerfile.global_args and "PIP_FIND_LINKS" not in dockerfile.global_args
+
+
+def test_heavy_layers_come_before_the_project_code(dockerfile: Dockerfile) -> None:
+    """A code change rebuilds the builder's wheel and the runtime's last install, nothing heavy:
+    the runtime stage copies no source, installs the dependencies from a list made from
+    pyproject.toml alone, and installs the project's wheel without dependencies, after them."""
+    runtime = [i for i in dockerfile.instructions if i.stage == "runtime"]
+    runs = [(n, i.args) for n, i in enumerate(runtime) if i.keyword == "RUN"]
+
+    def first(pattern: str) -> int:
+        found = [n for n, args in runs if re.search(pattern, args)]
+        assert found, pattern
+        return found[0]
+
+    apt, torch = first(r"apt-get install"), first(r'"torch==\$\{TORCH_VERSION\}')
+    deepspeed, deps = first(r'"deepspeed==\$\{DEEPSPEED_VERSION\}"'), first(r"-r /tmp/requirements\.txt")
+    wheel = first(r"pipelora_k8s-\*\.whl")
+    assert apt < torch < deepspeed < deps < wheel
+    assert "--no-deps" in runtime[wheel].args
+    copies = [(n, i.args) for n, i in enumerate(runtime) if i.keyword == "COPY"]
+    assert [args for _, args in copies if args.startswith("--from=builder")] == [
+        "--from=builder /dist/ /tmp/dist/"
+    ]
+    assert max(n for n, args in copies if args.startswith("--from=builder")) > deps
+    for _, args in copies:
+        if not args.startswith("--from"):
+            assert all(w.startswith("image/") for w in args.split()[:-1] if not w.startswith("--")), args
+    (requirements,) = [n for n, args in copies if args.startswith("--from=requirements")]
+    assert requirements < deps
+    assert [i.args for i in dockerfile.of("COPY", stage="requirements")] == [
+        "pyproject.toml /src/pyproject.toml"
+    ]
 
 
 def test_test_workflow_runs_make_test() -> None:
@@ -471,10 +600,16 @@ def test_image_pins_the_torch_and_deepspeed_the_suite_tests(dockerfile: Dockerfi
 
 def test_deepspeed_is_built_against_the_installed_torch(dockerfile: Dockerfile) -> None:
     runs = dockerfile.runs()
-    install = next(r for r in runs if "deepspeed==" in r)
+    (torch,) = [r for r in runs if '"torch==${TORCH_VERSION}' in r]
+    (install,) = [r for r in runs if "deepspeed==" in r]
     assert "DS_BUILD_OPS=0" in install and "--no-build-isolation" in install
-    assert install.index('"torch==${TORCH_VERSION}"') < install.index("deepspeed==")
-    assert "download.pytorch.org/whl/${channel}" in install
+    assert runs.index(torch) < runs.index(install)
+    # The build for the variant, by its local version (+cpu, +cu130): never PyPI's default CUDA build.
+    assert '"torch==${TORCH_VERSION}+${channel}"' in torch
+    assert "download.pytorch.org/whl/${channel}" in torch
+    # The dependencies' install holds torch and DeepSpeed where they are.
+    (deps,) = [r for r in runs if "-r /tmp/requirements.txt" in r]
+    assert re.search(r"-c /tmp/installed\.txt", deps) and "(torch|deepspeed)==" in deps
 
 
 def test_project_wheel_is_built_in_a_builder_stage(dockerfile: Dockerfile) -> None:
@@ -532,9 +667,9 @@ def test_build_context_holds_what_the_build_copies_and_nothing_else(dockerfile: 
     ]
     sources = []
     for ins in dockerfile.of("COPY"):
-        if ins.heredoc is None and not ins.args.startswith("--from"):
+        if not ins.args.startswith("--from"):
             sources += [w for w in ins.args.split()[:-1] if not w.startswith("--")]
-    assert "pyproject.toml" in sources and "workflow/" in sources
+    assert "pyproject.toml" in sources and "workflow/" in sources and "image/sshd_config" in sources
     for source in sources:
         probe = source.rstrip("/") + ("/__init__.py" if source.endswith("/") else "")
         assert (REPO / source).exists(), source

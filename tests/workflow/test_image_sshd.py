@@ -1,20 +1,22 @@
 """The image's sshd and ssh client configuration, run for real outside a container.
 
-The configs are taken verbatim from the Dockerfile's heredocs; only the home folder, the port
-and the user name are moved to this machine. sshd runs unprivileged, as in a worker pod, with
-the key files the MPI Operator's Secret would mount, and a client logs in the way mpirun does:
-the login must succeed without host-key prompts and the session must see the image's PATH.
+The configs are the very files the image ships (image/sshd_config, image/ssh_config); only the
+home folder, the port and the user name are moved to this machine. sshd runs unprivileged, as in a
+worker pod (on a machine where the tests run as root, as a non-root user made for the purpose),
+with fresh host keys where the config names them and the key files the MPI Operator's Secret
+would mount; a client logs in the way mpirun does: the login must succeed without host-key
+prompts and the session must see the image's PATH.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import re
 import shutil
 import socket
 import subprocess
-import time
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,15 +24,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HOME = "/home/mpiuser"
-SSHD_CONFIG = f"{HOME}/.sshd/sshd_config"
-CLIENT_CONFIG = "/etc/ssh/ssh_config.d/50-pipelora.conf"
-
-
-def heredoc(dest: str) -> str:
-    text = (REPO / "Dockerfile").read_text()
-    match = re.search(rf"^COPY [^\n]*<<'?(\w+)'? {re.escape(dest)}\n(.*?)\n\1\n", text, re.S | re.M)
-    assert match, f"the Dockerfile writes no {dest} with a heredoc COPY"
-    return match.group(2) + "\n"
+SSHD_CONFIG = REPO / "image" / "sshd_config"
+CLIENT_CONFIG = REPO / "image" / "ssh_config"
+# The unprivileged user sshd runs as where the tests run as root.
+SSHD_USER = "pipelora-ci"  # the same user the worker entrypoint tests use
 
 
 def free_port() -> int:
@@ -42,52 +39,83 @@ def free_port() -> int:
 def sshd_binary() -> str:
     found = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
     if not found or not shutil.which("ssh") or not shutil.which("ssh-keygen"):
-        pytest.skip(
-            "openssh-server and openssh-client are not installed here (the GitHub test workflow installs them)"
-        )
-    if os.geteuid() == 0:
-        pytest.skip("the image runs sshd as a non-root user; as root sshd would not run that configuration")
+        pytest.fail("openssh-server and openssh-client are not installed here: `make setup` installs them")
     return found
+
+
+def sshd_account() -> pwd.struct_passwd:
+    """Who sshd runs as: this user, or (as root) an unprivileged user made once for these tests."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(SSHD_USER)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        proc = subprocess.run(
+            [useradd, "--create-home", "--shell", "/bin/bash", SSHD_USER], capture_output=True, text=True
+        )
+        if proc.returncode != 0 and "already exists" not in proc.stderr:
+            pytest.fail(f"cannot create the user {SSHD_USER} to run sshd as: {proc.stderr.strip()}")
+        return pwd.getpwnam(SSHD_USER)
 
 
 def keygen(path: Path, kind: str) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
 
 
+def give(path: Path, account: pwd.struct_passwd) -> None:
+    if os.geteuid() == 0:
+        os.chown(path, account.pw_uid, account.pw_gid)
+
+
 @pytest.fixture(scope="module")
-def worker(
-    tmp_path_factory: pytest.TempPathFactory, wait_for_port: Callable[..., bool]
-) -> Iterator[dict[str, object]]:
+def worker(wait_for_port: Callable[..., bool]) -> Iterator[dict[str, object]]:
     """sshd started like the worker container, on a free port, with a Secret-like ~/.ssh."""
     sshd = sshd_binary()
-    home = tmp_path_factory.mktemp("home")
+    account = sshd_account()
+    # Outside pytest's per-user temporary folder, which another user cannot enter.
+    home = Path(tempfile.mkdtemp(prefix="pipelora-sshd-"))
+    home.chmod(0o755)
+    give(home, account)
     port = free_port()
-    user = getpass.getuser()
-    (home / ".sshd").mkdir(mode=0o700)
-    secret = home / ".ssh"
-    secret.mkdir(mode=0o700)
-    config = heredoc(SSHD_CONFIG).replace(HOME, str(home))
+    own = home / ".sshd"
+    own.mkdir(mode=0o700)
+    config = SSHD_CONFIG.read_text().replace(HOME, str(home))
     config = re.sub(r"^Port \d+$", f"Port {port}", config, flags=re.M)
-    config = re.sub(r"^AllowUsers \S+$", f"AllowUsers {user}", config, flags=re.M)
-    (home / ".sshd" / "sshd_config").write_text(config)
+    config = re.sub(r"^AllowUsers \S+$", f"AllowUsers {account.pw_name}", config, flags=re.M)
+    (own / "sshd_config").write_text(config)
+    # What the worker entrypoint does at start: a fresh key for each ~/.sshd host key of the config.
     for path in re.findall(r"^HostKey (\S+)$", config, re.M):
-        if path.startswith(str(home / ".sshd")):
-            kind = re.search(r"ssh_host_(\w+)_key", path).group(1)
-            keygen(Path(path), kind)
-    # The operator's Secret: an ECDSA key under the name id_rsa, and its public half as authorized_keys.
+        if path.startswith(str(own)):
+            keygen(Path(path), re.search(r"ssh_host_(\w+)_key", path).group(1))
+    for path in [own, *own.iterdir()]:
+        give(path, account)
+    # The operator's Secret: an ECDSA key under the name id_rsa and its public half as
+    # authorized_keys, mounted root-owned and world-readable (hence StrictModes no).
+    secret = home / ".ssh"
+    secret.mkdir(mode=0o755)
     keygen(secret / "id_rsa", "ecdsa")
     shutil.copy(secret / "id_rsa.pub", secret / "authorized_keys")
+    client_key = home / "client_key"  # the launcher's ssh wants its key private to its user
+    shutil.copy(secret / "id_rsa", client_key)
+    client_key.chmod(0o600)
+    if os.geteuid() == 0:
+        for path in secret.iterdir():
+            path.chmod(0o644)
     client = home / "ssh_config"
-    client.write_text(re.sub(r"^(\s*)Port \d+$", rf"\g<1>Port {port}", heredoc(CLIENT_CONFIG), flags=re.M))
+    client.write_text(re.sub(r"^(\s*)Port \d+$", rf"\g<1>Port {port}", CLIENT_CONFIG.read_text(), flags=re.M))
 
+    as_account: dict[str, object] = {}
+    if os.geteuid() == 0:
+        as_account = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
     check = subprocess.run(
-        [sshd, "-t", "-f", str(home / ".sshd" / "sshd_config")], capture_output=True, text=True
+        [sshd, "-t", "-f", str(own / "sshd_config")], capture_output=True, text=True, **as_account
     )
     assert check.returncode == 0, check.stderr
     log = home / "sshd.log"
-    with log.open("a") as out:  # append, like the pipe of a container's PID 1: writers do not overwrite
+    with log.open("a") as out:
         proc = subprocess.Popen(
-            [sshd, "-De", "-f", str(home / ".sshd" / "sshd_config")], stdout=out, stderr=out
+            [sshd, "-De", "-f", str(own / "sshd_config")], stdout=out, stderr=out, **as_account
         )
     try:
         if not wait_for_port(port, proc, timeout=30):
@@ -95,17 +123,20 @@ def worker(
         yield {
             "home": home,
             "client": client,
-            "key": secret / "id_rsa",
+            "key": client_key,
             "config": config,
             "log": log,
-            "pid": proc.pid,
+            "account": account,
         }
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def ssh(worker: dict[str, object], command: str) -> subprocess.CompletedProcess[str]:
+    account = worker["account"]
+    assert isinstance(account, pwd.struct_passwd)
     argv = [
         "ssh",
         "-F",
@@ -114,16 +145,25 @@ def ssh(worker: dict[str, object], command: str) -> subprocess.CompletedProcess[
         str(worker["key"]),
         "-o",
         "BatchMode=yes",
+        "-l",
+        account.pw_name,
         "127.0.0.1",
         command,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
+def test_sshd_runs_unprivileged(worker: dict[str, object]) -> None:
+    account = worker["account"]
+    assert isinstance(account, pwd.struct_passwd) and account.pw_uid != 0
+
+
 def test_login_with_the_secret_key_needs_no_host_key_prompt(worker: dict[str, object]) -> None:
     proc = ssh(worker, "id -u")
     assert proc.returncode == 0, proc.stderr + Path(str(worker["log"])).read_text()
-    assert proc.stdout.strip() == str(os.getuid())
+    account = worker["account"]
+    assert isinstance(account, pwd.struct_passwd)
+    assert proc.stdout.strip() == str(account.pw_uid)
     assert "Warning" not in proc.stderr  # LogLevel ERROR: nothing mixed into the ranks' output
 
 
@@ -135,13 +175,15 @@ def test_session_sees_the_image_path(worker: dict[str, object]) -> None:
     assert expected.startswith("/opt/venv/bin:")
 
 
-def test_session_can_write_to_the_sshd_output(worker: dict[str, object]) -> None:
-    """The chart's PIPELORA_MIRROR_LOG=/proc/1/fd/1: ranks started over ssh write into the output of
-    sshd (the worker container's PID 1), so `kubectl logs` on a worker shows its stages."""
-    line = "[stage 1/2 dp 0/1] step 1/1 loss 1.000"
-    proc = ssh(worker, f"echo '{line}' >> /proc/{worker['pid']}/fd/1")
-    assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 10
-    while line not in Path(str(worker["log"])).read_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert line in Path(str(worker["log"])).read_text()
+def test_sshd_refuses_a_key_that_is_not_authorized(worker: dict[str, object], tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger"
+    keygen(stranger, "ed25519")
+    proc = subprocess.run(
+        [
+            "ssh", "-F", str(worker["client"]), "-i", str(stranger), "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-l", worker["account"].pw_name, "127.0.0.1", "true",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 255
+    assert "Permission denied" in proc.stderr

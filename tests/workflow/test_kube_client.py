@@ -14,7 +14,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from pipelora.config import spec_from_dict
+from pipelora.config import JobSpec, spec_from_dict
+from pipelora.storage import open_storage
 from pipelora.workflow.cli import main
 from pipelora.workflow.logs import stage_workers
 
@@ -51,6 +52,7 @@ WORKER_LOGS = {
                       "[stage 3/4 dp 0/1] step 2/10 loss 1.500"],
 }
 LAUNCHER_LOG = [f"[1,{r}]<stdout>:[stage {r + 1}/4 dp 0/1] step 1/10 loss 2.000" for r in range(4)]
+DATAPREP_LOG = ["dataprep: 52002 records -> 1210 packed rows", "data committed"]
 
 
 class FakeApi(BaseHTTPRequestHandler):
@@ -77,7 +79,8 @@ class FakeApi(BaseHTTPRequestHandler):
         base = f"/api/v1/namespaces/{NS}/pods/"
         if url.path.startswith(base) and url.path.endswith("/log"):
             name = url.path[len(base):-len("/log")]
-            lines = LAUNCHER_LOG if name.startswith("demo-launcher") else WORKER_LOGS.get(name)
+            lines = (LAUNCHER_LOG if name.startswith("demo-launcher") else
+                     DATAPREP_LOG if name.startswith("demo-dataprep") else WORKER_LOGS.get(name))
             if lines is None:
                 return self._send(404, json.dumps({"kind": "Status", "code": 404}).encode())
             return self._send(200, ("\n".join(lines) + "\n").encode(), "text/plain")
@@ -135,11 +138,12 @@ def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
 
 
 def test_status_reports_conditions_pods_and_progress(api: Path, capsys: pytest.CaptureFixture) -> None:
-    (api / NAME).mkdir(parents=True)
+    progress_file = Path(spec_from_dict(demo_spec(api)).layout.progress)
+    progress_file.parent.mkdir(parents=True)
     progress = {"step": 40, "max_steps": 100, "loss": 1.25, "eval_loss": 1.5, "lr": 1e-4, "tokens_per_s": 900,
                 "eta_s": 3725, "updated_at": time.time(), "state": "running", "losses": [[1, 2.0], [40, 1.25]],
                 "eval_losses": [[20, 1.7], [40, 1.5]]}
-    (api / NAME / "progress.json").write_text(json.dumps(progress))
+    progress_file.write_text(json.dumps(progress))
     code, out, err = cli(["status", NAME], capsys)
     assert code == 0, err
     assert f"job {NAME} (namespace {NS}): 4 stages on 2 node(s) x 2 GPU(s)" in out
@@ -272,4 +276,225 @@ def test_status_still_reports_the_cluster_when_storage_is_unreachable(api: Path,
     assert "MPIJob        Running" in out
     progress = next(line for line in out.splitlines() if "progress:" in line)
     assert progress.startswith("  progress: unavailable from here (cannot ")
-    assert "s3://bucket/runs/demo/progress.json: S3 endpoint http://127.0.0.1:9 is unreachable" in progress
+    assert f"{spec_from_dict(data).layout.progress}: S3 endpoint http://127.0.0.1:9 is unreachable" in progress
+
+
+# -- a failed dataprep: the MPIJob stays suspended and status says so --------------------------------
+
+JOB_PATH = f"/apis/batch/v1/namespaces/{NS}/jobs/{NAME}-dataprep"
+MPIJOB_PATH = f"/apis/kubeflow.org/v2beta1/namespaces/{NS}/mpijobs/{NAME}"
+SUSPENDED_MPIJOB = {"kind": "MPIJob", "spec": {"runPolicy": {"suspend": True}}, "status": {"conditions": [
+    {"type": "Created", "status": "True", "reason": "MPIJobCreated", "message": "created"},
+    {"type": "Suspended", "status": "True", "reason": "MPIJobSuspended", "message": "MPIJob ml/demo is suspended"}]}}
+FAILED_JOB = {"kind": "Job", "status": {"failed": 3, "conditions": [
+    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+     "message": "Job has reached the specified backoff limit"}]}}
+
+
+def failed_dataprep_pod(name: str, created: str, message: str | None, exit_code: int = 1,
+                        reason: str = "Error") -> dict[str, Any]:
+    """A dataprep Job pod whose `dataprep` init container ended badly (the `release` container never ran)."""
+    out = pod(name, "dataprep", phase="Failed", created=created, ready=False)
+    out["spec"]["initContainers"] = [{"name": "dataprep", "image": "x"}]
+    out["spec"]["containers"] = [{"name": "release", "image": "x"}]
+    ended = {"exitCode": exit_code, "reason": reason, **({"message": message} if message else {})}
+    out["status"]["initContainerStatuses"] = [{"name": "dataprep", "ready": False, "restartCount": 0, "image": "x",
+                                              "imageID": "", "state": {"terminated": ended}}]
+    out["status"]["containerStatuses"] = [{"name": "release", "ready": False, "restartCount": 0, "image": "x",
+                                          "imageID": "", "state": {"waiting": {"reason": "PodInitializing"}}}]
+    return out
+
+
+@pytest.mark.parametrize("mpijob", ["suspended", "absent"])
+def test_status_of_a_failed_dataprep_says_why_and_that_no_gpu_was_held(api: Path, mpijob: str,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    FakeApi.objects[JOB_PATH] = FAILED_JOB
+    if mpijob == "absent":
+        del FakeApi.objects[MPIJOB_PATH]
+    else:
+        FakeApi.objects[MPIJOB_PATH] = SUSPENDED_MPIJOB
+    FakeApi.objects["pods"] = [
+        failed_dataprep_pod("demo-dataprep-aaaaa", "2026-01-01T00:00:00Z", "an older attempt"),
+        failed_dataprep_pod("demo-dataprep-bbbbb", "2026-01-01T00:05:00Z",
+                            "Traceback (most recent call last):\n  ...\nerror: dataset s3://bucket/data/a.json "
+                            "does not exist; check dataset.uri\n"),
+    ]
+    code, out, err = cli(["status", NAME], capsys)
+    reason = ("dataprep failed: dataset s3://bucket/data/a.json does not exist; check dataset.uri "
+              "(Job BackoffLimitExceeded: Job has reached the specified backoff limit); no GPUs were allocated")
+    assert code == 4
+    assert err.strip() == f"error: {reason}"
+    assert "dataprep Job  Failed (BackoffLimitExceeded: Job has reached the specified backoff limit)" in out
+    if mpijob == "suspended":
+        assert "MPIJob        suspended (dataprep failed; no GPUs were allocated)" in out
+    else:
+        assert "MPIJob        absent" in out
+    code, out, err = cli(["status", NAME, "-o", "json"], capsys)
+    assert code == 4 and json.loads(out)["problem"] == reason
+
+
+def test_a_dataprep_killed_without_a_message_reports_its_exit(api: Path, capsys: pytest.CaptureFixture) -> None:
+    FakeApi.objects[JOB_PATH] = FAILED_JOB
+    FakeApi.objects[MPIJOB_PATH] = SUSPENDED_MPIJOB
+    FakeApi.objects["pods"] = [failed_dataprep_pod("demo-dataprep-ccccc", "2026-01-01T00:00:00Z", None,
+                                                   exit_code=137, reason="OOMKilled")]
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 4
+    assert err.strip() == ("error: dataprep failed: the dataprep container exited with code 137 (OOMKilled) "
+                           "(Job BackoffLimitExceeded: Job has reached the specified backoff limit); "
+                           "no GPUs were allocated")
+
+
+def test_a_failed_dataprep_beside_a_running_mpijob_is_not_called_gpu_free(api: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """With gating off the MPIJob runs anyway (its launcher's wait-for-data is the guard): no such claim."""
+    FakeApi.objects[JOB_PATH] = FAILED_JOB
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 0, err
+    assert "dataprep Job  Failed" in out and "MPIJob        Running" in out
+    assert "no GPUs" not in out + err
+
+
+def test_status_shows_the_mpijob_waiting_for_dataprep(api: Path, capsys: pytest.CaptureFixture) -> None:
+    FakeApi.objects[JOB_PATH] = {"kind": "Job", "status": {"active": 1}}
+    FakeApi.objects[MPIJOB_PATH] = SUSPENDED_MPIJOB
+    FakeApi.objects["pods"] = [pod("demo-dataprep-x1y2z", "dataprep")]
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 0, err
+    assert "dataprep Job  Running" in out
+    assert "MPIJob        suspended (waiting for dataprep)" in out
+    assert json.loads(cli(["status", NAME, "-o", "json"], capsys)[1])["mpijob"]["suspended"] is True
+
+
+# -- logs after the pods are gone: the ranks' lines in storage --------------------------------------------
+
+
+def use_spec(storage: Path, **parallel: int) -> JobSpec:
+    """Make the release's ConfigMap hold a spec with this topology; returns it."""
+    spec = spec_from_dict({**demo_spec(storage), "parallel": {"micro_batches": 8, **parallel}})
+    FakeApi.objects[f"/api/v1/namespaces/{NS}/configmaps/{NAME}-spec"] = {
+        "kind": "ConfigMap", "data": {"job.yaml": spec.to_yaml()}}
+    return spec
+
+
+def store_rank_logs(spec: JobSpec, steps: int = 2) -> list[str]:
+    """Stamped lines of every rank, one per stage per step, as the ranks' durable logs leave them;
+    returns every line in time order."""
+    storage = open_storage(spec.storage.uri)
+    p = spec.parallel
+    texts: dict[int, str] = {r: "" for r in range(p.world_size)}
+    ordered = []
+    for step in range(1, steps + 1):
+        for rank in reversed(range(p.world_size)):  # the last stage reports first: time, not rank, orders
+            stage, dp = p.stage_of_rank(rank)
+            line = f"[stage {stage + 1}/{p.stages} dp {dp}/{p.data_parallel}] step {step}/10 loss 1.000"
+            stamp = f"2026-01-01T00:0{step}:{10 + len(ordered):02d}.000Z"
+            texts[rank] += f"{stamp} {line}\n"
+            ordered.append(line)
+    for rank, text in texts.items():
+        storage.write_bytes(spec.layout.rank_log(rank), text.encode())
+    return ordered
+
+
+def log_requests() -> list[str]:
+    return [p for p, _ in FakeApi.requests if p.endswith("/log")]
+
+
+def test_logs_come_from_storage_when_the_pods_are_gone(api: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = use_spec(api, stages=2, nodes=2, gpus_per_node=2)  # 2 stages x 2 replicas: stage 1 is ranks 0 and 2
+    lines = store_rank_logs(spec)
+    FakeApi.objects["pods"] = [pod("demo-dataprep-x1y2z", "dataprep", phase="Succeeded", ready=False)]
+    note = f"(from storage: {spec.layout.logs}, the pods are gone)"
+
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code == 0, err
+    assert out.splitlines() == lines and err.strip() == note
+    code, out, err = cli(["logs", NAME, "--stage", "1"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [line for line in lines if line.startswith("[stage 1/2 ")]
+    assert {line.split()[3] for line in out.splitlines()} == {"0/2]", "1/2]"}  # both replicas of the stage
+    assert err.strip() == note
+    code, out, err = cli(["logs", NAME, "--component", "worker", "--tail", "3"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == lines[-3:]
+    code, out, err = cli(["logs", NAME, "--stage", "3"], capsys)
+    assert code != 0 and "--stage 3 is out of range; this job has stages 1..2" in err
+    assert log_requests() == []  # no pod was asked for a log it cannot have
+
+
+def test_logs_fall_back_when_a_listed_pod_is_gone_by_the_time_it_is_read(api: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    spec = use_spec(api, stages=4, nodes=2, gpus_per_node=2)
+    lines = store_rank_logs(spec, steps=1)
+    FakeApi.objects["pods"] = [pod("demo-evicted-launcher", "launcher")]  # its log answers 404
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code == 0, err
+    assert out.splitlines() == lines
+    assert err.strip() == f"(from storage: {spec.layout.logs}, the pods are gone)"
+    assert log_requests() == [f"/api/v1/namespaces/{NS}/pods/demo-evicted-launcher/log"]
+
+
+def test_logs_before_training_show_dataprep_and_say_where_they_come_from(api: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    FakeApi.objects["pods"] = [pod("demo-dataprep-x1y2z", "dataprep")]
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code == 0, err
+    assert out.splitlines() == DATAPREP_LOG
+    assert err.strip() == "(from pod demo-dataprep-x1y2z: no launcher pod, and no rank logs in storage yet)"
+    code, out, err = cli(["logs", NAME, "--stage", "2"], capsys)
+    assert code != 0
+    assert err.strip() == (f"error: job {NAME} has no stage 2's worker pods yet and no logs in storage at "
+                           f"{spec_from_dict(demo_spec(api)).layout.logs}; see `pipelora-k8s status {NAME}`")
+
+
+def test_logs_of_a_deleted_release_need_the_spec_file(api: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    spec = spec_from_dict(demo_spec(api))
+    lines = store_rank_logs(spec)
+    del FakeApi.objects[f"/api/v1/namespaces/{NS}/configmaps/{NAME}-spec"]
+    FakeApi.objects["pods"] = []
+    code, out, err = cli(["logs", NAME], capsys)
+    assert code != 0 and "pass --config job.yaml to read its logs from storage" in err
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(demo_spec(api)))
+    code, out, err = cli(["logs", NAME, "--config", str(config), "--stage", "4"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == [line for line in lines if line.startswith("[stage 4/4 ")]
+    assert err.strip() == f"(from storage: {spec.layout.logs}, the release {NAME} is gone from namespace {NS})"
+    code, out, err = cli(["logs", NAME, "--config", str(config), "--context", "unreachable"], capsys)
+    assert code == 0, err
+    assert out.splitlines() == lines
+    assert err.strip() == f"(from storage: {spec.layout.logs}, the cluster cannot be reached)"
+    code, out, err = cli(["logs", "other", "--config", str(config)], capsys)
+    assert code == 2 and f"is job '{NAME}', not 'other'" in err
+
+
+def test_a_failed_release_step_is_named_as_the_reason(api: Path, capsys: pytest.CaptureFixture) -> None:
+    """Dataprep succeeded but resuming the MPIJob was refused: that refusal is what status shows."""
+    FakeApi.objects[JOB_PATH] = FAILED_JOB
+    FakeApi.objects[MPIJOB_PATH] = SUSPENDED_MPIJOB
+    refused = failed_dataprep_pod("demo-dataprep-ddddd", "2026-01-01T00:00:00Z", None)
+    refused["status"]["initContainerStatuses"][0]["state"] = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+    refused["status"]["containerStatuses"][0]["state"] = {"terminated": {
+        "exitCode": 1, "reason": "Error", "message": "error: the cluster refused to let you patch MPIJob demo "
+                                                     "(403 Forbidden); check your credentials and RBAC\n"}}
+    FakeApi.objects["pods"] = [refused]
+    code, out, err = cli(["status", NAME], capsys)
+    assert code == 4
+    assert err.strip() == ("error: dataprep failed: the cluster refused to let you patch MPIJob demo (403 Forbidden); "
+                           "check your credentials and RBAC (Job BackoffLimitExceeded: Job has reached the specified "
+                           "backoff limit); no GPUs were allocated")
+
+
+def test_submit_wait_stops_when_dataprep_failed(api: Path, recording_helm: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(demo_spec(api)))
+    FakeApi.objects[JOB_PATH] = FAILED_JOB
+    FakeApi.objects[MPIJOB_PATH] = SUSPENDED_MPIJOB
+    FakeApi.objects["pods"] = [failed_dataprep_pod("demo-dataprep-eeeee", "2026-01-01T00:00:00Z",
+                                                   "error: dataset.uri s3://bucket/data/a.json does not exist")]
+    code, out, err = cli(["submit", "--config", str(config), "--context", "test", "-n", NS, "--wait"], capsys)
+    assert code == 4
+    assert err.strip() == ("error: dataprep failed: dataset.uri s3://bucket/data/a.json does not exist (Job "
+                           "BackoffLimitExceeded: Job has reached the specified backoff limit); no GPUs were allocated")

@@ -1,11 +1,32 @@
-{{/* Chart name, truncated for label values. */}}
+{{/* Chart name, for label values. */}}
 {{- define "pipelora.name" -}}
-{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- .Chart.Name -}}
 {{- end -}}
 
-{{/* Object names derive from the release (the job spec's `name`), so pods read as <name>-worker-0. */}}
+{{/*
+Object names are the job spec's `name` (the release name), as pipelora.workflow.names computes them
+for `status`, `logs` and MASTER_ADDR: <name>, <name>-spec, <name>-dataprep, <name>-worker-<i>.
+A release installed under another name would break that agreement, so it is refused.
+*/}}
 {{- define "pipelora.fullname" -}}
-{{- default .Release.Name .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- $spec := fromYaml (required "jobSpec is empty: render the chart with `pipelora-k8s render` or `submit`" .Values.jobSpec) -}}
+{{- if ne (get $spec "name") .Release.Name -}}
+{{- fail (printf "the release is named %q but the job spec's name is %q; install it as %q (pipelora-k8s submit does)" .Release.Name (get $spec "name") (get $spec "name")) -}}
+{{- end -}}
+{{- .Release.Name -}}
+{{- end -}}
+
+{{- define "pipelora.serviceAccountName" -}}
+{{- default (include "pipelora.fullname" .) .Values.serviceAccountName -}}
+{{- end -}}
+
+{{/* An argv list from values, refusing an empty one (the chart carries no default commands). */}}
+{{- define "pipelora.command" -}}
+{{- $argv := index .root.Values.commands .key -}}
+{{- if not $argv -}}
+{{- fail (printf "commands.%s is empty: render the chart with `pipelora-k8s render` or `submit`" .key) -}}
+{{- end -}}
+{{- toYaml $argv -}}
 {{- end -}}
 
 {{- define "pipelora.chart" -}}
@@ -79,9 +100,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Pod-level settings shared by the dataprep, launcher and worker pods. */}}
 {{- define "pipelora.podCommon" -}}
-{{- with .Values.serviceAccountName }}
-serviceAccountName: {{ . }}
-{{- end }}
+serviceAccountName: {{ include "pipelora.serviceAccountName" . }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
 {{- range . }}
@@ -120,4 +139,12 @@ securityContext:
 - name: job-spec
   mountPath: /etc/pipelora
   readOnly: true
+{{- end -}}
+
+{{/* Comma-separated names handed to the ranks: the chart's extra env and worker.podEnvNames. */}}
+{{- define "pipelora.podEnvNames" -}}
+{{- $names := list -}}
+{{- range .Values.env }}{{- $names = append $names .name -}}{{- end -}}
+{{- range .Values.worker.podEnvNames }}{{- $names = append $names . -}}{{- end -}}
+{{- join "," $names -}}
 {{- end -}}
