@@ -305,12 +305,6 @@ class JobSpec(_Section):
 
         return RunLayout(self.run_uri)
 
-    def run_path(self, *parts: str) -> str:
-        """URI of something inside this run's folder (`data/manifest.json`, `adapter`...)."""
-        from pipelora.storage import join_uri
-
-        return join_uri(self.run_uri, *parts)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

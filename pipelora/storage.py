@@ -2,7 +2,7 @@
 
 Every artifact of a run (shards, checkpoints, adapter, progress) goes through here, so the
 trainer never needs a shared filesystem. `commit` is the one mechanism that makes a set of
-objects visible: a marker (data manifest, checkpoint COMMITTED) is written only after every
+objects visible: a marker (the data manifest, a checkpoint's commit marker) is written only after every
 object it names is in place, and records each one's size and sha256 so readers can verify.
 """
 

@@ -1,4 +1,4 @@
-"""The loss curve of a run as a PNG, from the losses rank 0 records in progress.json."""
+"""The loss curve of a run as a PNG, from the losses rank 0 records in the run's progress file."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import yaml
 
 from pipelora.config import JobSpec, spec_from_dict
 from pipelora.errors import PipeloraError
+from pipelora.layout import PROGRESS_NAME
 from pipelora.workflow.kube import Kube, KubeError
 from pipelora.workflow.logs import COMPONENT, DATAPREP_CONTAINER, INSTANCE, RELEASE_CONTAINER
 from pipelora.workflow.names import ReleaseNames
@@ -143,7 +144,7 @@ def _pod_row(pod: dict) -> dict[str, Any]:
 
 
 def read_progress(spec: JobSpec) -> dict[str, Any] | None:
-    """`progress.json` of the run, or {"error": sentence} when storage cannot be read from here."""
+    """The run's progress file, or {"error": sentence} when storage cannot be read from here."""
     from pipelora.storage import storage_for
 
     uri = spec.layout.progress
@@ -220,7 +221,7 @@ def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
         lines.append("  pods: none yet")
     progress = status["progress"]
     if progress is None:
-        lines.append("  progress: no progress.json yet (training has not started)")
+        lines.append(f"  progress: no {PROGRESS_NAME} yet (training has not started)")
     elif "error" in progress:
         lines.append(f"  progress: unavailable from here ({progress['error']})")
     else:

@@ -42,7 +42,7 @@ def test_valid_spec_fills_design_defaults() -> None:
     assert spec.training.schedule == "cosine" and spec.training.keep_checkpoints == 3
     assert spec.parallel.world_size == 2 and spec.parallel.data_parallel == 1
     assert spec.run_uri == "s3://bucket/pipelora/alpaca-mistral"
-    assert spec.run_path("data", "manifest.json") == "s3://bucket/pipelora/alpaca-mistral/data/manifest.json"
+    assert spec.layout.manifest == "s3://bucket/pipelora/alpaca-mistral/data/manifest.json"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)

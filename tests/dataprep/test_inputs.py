@@ -99,7 +99,7 @@ def test_messages_dataset_packs_and_masks(write_jsonl, make_spec, tokenizer, mon
                               workers=2).manifest
     assert in_workers["files"] == manifest["files"]
     assert manifest["stats"]["examples"] == 40 and manifest["stats"]["packing_efficiency"] > 0.85
-    ds = open_shards(spec.run_path("data"))
+    ds = open_shards(spec.layout.data)
     replies = []
     for i in range(len(ds)):
         row = ds[i]
@@ -127,7 +127,7 @@ def test_real_alpaca_data(shared_data, make_spec, tokenizer):
     assert stats["packing_efficiency"] >= 0.98
     assert manifest["splits"]["eval"]["examples"] == 20
     # decoded rows hold the real multi-byte text, each sequence starting with the Alpaca preamble
-    ds = open_shards(spec.run_path("data"))
+    ds = open_shards(spec.layout.data)
     row = ds[0]
     starts = np.flatnonzero(row["position_ids"] == 0)
     text = tokenizer.decode(row["input_ids"][starts[0] : starts[1]], skip_special_tokens=True)

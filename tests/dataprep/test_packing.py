@@ -67,7 +67,7 @@ def expected_sequences(tokenizer, path):
 
 
 def test_every_example_once_positions_restart_first_label_masked(packed_run, tokenizer):
-    data_uri = packed_run["first"].run_path("data")
+    data_uri = packed_run["first"].layout.data
     train, evaluation = open_shards(data_uri, split="train"), open_shards(data_uri, split="eval")
     got = segments(train) + segments(evaluation)
     assert Counter(got) == Counter(expected_sequences(tokenizer, packed_run["data"]))
@@ -135,7 +135,7 @@ def test_small_windows_and_threads_keep_every_example(packed_run, tokenizer, mon
     spec = packed_run["spec"]("windows")
     manifest = run_dataprep(spec, shard_rows=32, workers=3).manifest
     assert manifest["splits"]["eval"]["examples"] == 60 and manifest["splits"]["train"]["examples"] == 540
-    data_uri = spec.run_path("data")
+    data_uri = spec.layout.data
     got = segments(open_shards(data_uri, split="train")) + segments(open_shards(data_uri, split="eval"))
     assert Counter(got) == Counter(expected_sequences(tokenizer, packed_run["data"]))
     again = run_dataprep(packed_run["spec"]("windows-1"), shard_rows=32, workers=0).manifest

@@ -33,8 +33,8 @@ def test_s3_round_trip_matches_local_run(s3_endpoint, s3_bucket, tmp_path, token
     assert names == {*remote_manifest["files"], "manifest.json"}
 
     cache = tmp_path / "cache"
-    ds = open_shards(remote.run_path("data"), endpoint_url=s3_endpoint, cache_dir=cache)
-    ref = open_shards(local.run_path("data"))
+    ds = open_shards(remote.layout.data, endpoint_url=s3_endpoint, cache_dir=cache)
+    ref = open_shards(local.layout.data)
     assert len(ds) == len(ref) > 8
     order = ds.shuffled(3, 1)
     expected = ref.shuffled(3, 1)
@@ -99,7 +99,7 @@ def test_fingerprint_no_op_refuse_and_overwrite(tmp_path, tokenizer_dir, capsys)
 
 def test_interrupted_leftovers_are_replaced(tmp_path, make_spec, write_jsonl):
     spec = make_spec(write_jsonl([{"instruction": "Say hi.", "output": "hi"}]))
-    data_dir = Path(spec.run_path("data"))
+    data_dir = Path(spec.layout.data)
     data_dir.mkdir(parents=True)
     (data_dir / "train-00007.safetensors").write_bytes(b"half written")
     manifest = run_dataprep(spec).manifest

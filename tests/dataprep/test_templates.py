@@ -24,7 +24,7 @@ PROMPT_NO_INPUT = (
 def single_rows(spec):
     """Rows of a one-example-per-row run, as lists trimmed at the padding."""
     run_dataprep(spec)
-    ds = open_shards(spec.run_path("data"))
+    ds = open_shards(spec.layout.data)
     out = []
     for i in range(len(ds)):
         row = ds[i]
@@ -69,7 +69,7 @@ def test_alpaca_prompt_tokens_and_mask(tokenizer, write_jsonl, make_spec, train_
 def test_padding_is_its_own_segment(write_jsonl, make_spec):
     spec = make_spec(write_jsonl([{"instruction": "Say hi.", "output": "hi"}]), packing=False, seq_len=128)
     run_dataprep(spec)
-    row = open_shards(spec.run_path("data"))[0]
+    row = open_shards(spec.layout.data)[0]
     n = int(np.flatnonzero(row["input_ids"] == EOS)[0]) + 1
     assert (row["input_ids"][n:] == EOS).all()  # Mistral has no pad token: EOS pads
     assert (row["labels"][n:] == -100).all()
