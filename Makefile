@@ -9,7 +9,7 @@ STAMP := $(VENV)/.setup-done
 # apt needs root: use sudo where we are not root (GitHub runners), nothing where we are (CI containers).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean soak
 
 setup: $(STAMP) $(BIN)/helm containers
 	@command -v mpirun >/dev/null || $(MAKE) --no-print-directory openmpi
@@ -72,6 +72,11 @@ lint: setup
 # 2 pipeline stages on CPU with mpirun, adapter export, loss-curve PNG. Re-running starts training afresh.
 demo: setup
 	OMP_NUM_THREADS=1 $(BIN)/pipelora-k8s run --config examples/local-tiny.yaml --fresh
+
+# Not part of `make test`: kill -9 on a random rank of a 2-stage run, 20 times, each rerun to the end;
+# every final adapter must equal the uninterrupted run's (results in docs/benchmarks.md).
+soak: setup
+	OMP_NUM_THREADS=1 $(BIN)/python bench/soak.py --trials 20 --seed 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

@@ -25,6 +25,13 @@ import numpy as np
 from pipelora.config import JobSpec
 from pipelora.dataprep.encoder import Encoder, PendingWindow
 from pipelora.dataprep.errors import BadInputError, DataprepError, OutputExistsError
+from pipelora.dataprep.hubsource import (
+    HubDataset,
+    ModelSource,
+    model_source,
+    open_hub_dataset,
+    read_hub_records,
+)
 from pipelora.dataprep.packing import build_rows, plan_rows
 from pipelora.dataprep.readers import DatasetFile, RawRecord, count_records, fetch_dataset, read_records
 from pipelora.dataprep.records import Example, RecordError, alpaca_example, chat_example
@@ -32,6 +39,7 @@ from pipelora.dataprep.shards import ShardWriter, manifest_uri, rows_per_shard
 from pipelora.dataprep.stats import SPLITS, Stats, summary_line
 from pipelora.dataprep.tokenizer import TokenizerInfo, fetch_tokenizer_files, load_tokenizer, tokenizer_info
 from pipelora.dataprep.tokens import TokenBatch
+from pipelora.hub import is_hub_uri
 from pipelora.storage import Storage, storage_for
 
 FORMAT_VERSION = 1  # bump when the bytes written for the same inputs change
@@ -48,12 +56,16 @@ class DataprepResult:
     summary: str
 
 
-def fingerprint(spec: JobSpec, *, dataset_sha256: str, tokenizer_digest: str) -> str:
-    """Everything the shards' bytes depend on; equal fingerprints mean equal shards."""
+def fingerprint(spec: JobSpec, *, dataset_id: str, tokenizer_digest: str, model_sha: str | None = None) -> str:
+    """Everything the shards' bytes depend on; equal fingerprints mean equal shards.
+
+    `dataset_id`: the sha256 of a dataset file, or an hf:// dataset's repository, commit and split;
+    `model_sha`: an hf:// model's commit, so a new revision of the model prepares the data again.
+    """
     d = spec.dataset
-    inputs = {
+    inputs: dict[str, Any] = {
         "version": FORMAT_VERSION,
-        "dataset": dataset_sha256,
+        "dataset": dataset_id,
         "tokenizer": tokenizer_digest,
         "format": d.format,
         "template": d.template,
@@ -65,6 +77,8 @@ def fingerprint(spec: JobSpec, *, dataset_sha256: str, tokenizer_digest: str) ->
         "max_bad_fraction": d.max_bad_fraction,
         "seed": spec.training.seed,
     }
+    if model_sha is not None:  # only for hf:// models: fingerprints of models given by path stay as they were
+        inputs["model_sha"] = model_sha
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
@@ -185,7 +199,8 @@ def _existing(storage: Storage, data_uri: str, fp: str, *, overwrite: bool) -> d
 
 
 def _manifest_fields(spec: JobSpec, *, stats: Stats, entries: dict[str, Any], fingerprint: str,
-                     dataset: DatasetFile, info: TokenizerInfo, seconds: float) -> dict[str, Any]:
+                     dataset: DatasetFile | HubDataset, model: ModelSource, info: TokenizerInfo,
+                     seconds: float) -> dict[str, Any]:
     """Everything the manifest says besides its file list: counts, token statistics, inputs."""
     d = spec.dataset
     rows = sum(e["rows"] for e in entries.values())
@@ -210,7 +225,10 @@ def _manifest_fields(spec: JobSpec, *, stats: Stats, entries: dict[str, Any], fi
         "format_version": FORMAT_VERSION,
         "seq_len": d.seq_len,
         "fingerprint": fingerprint,
-        "dataset": {"uri": d.uri, "sha256": dataset.sha256, "bytes": dataset.size, "format": d.format},
+        "dataset": (dataset.as_manifest(d.format) if isinstance(dataset, HubDataset)
+                    else {"uri": d.uri, "sha256": dataset.sha256, "bytes": dataset.size, "format": d.format}),
+        # An hf:// model's commit and mirror: the trainer finds the model here, in storage.
+        "model": model.record,
         "template": d.template,
         "packing": d.packing,
         "train_on_inputs": d.train_on_inputs,
@@ -236,12 +254,13 @@ def run_dataprep(
     storage = storage_for(spec, spec.run_uri)
     data_uri = spec.layout.data
     with tempfile.TemporaryDirectory(prefix="pipelora-dataprep-") as scratch:
-        dataset_storage = storage_for(spec, d.uri)
-        dataset = fetch_dataset(dataset_storage, d.uri, scratch=Path(scratch))
-        tok_dir = fetch_tokenizer_files(storage_for(spec, spec.model.uri), spec.model.uri, dest=Path(scratch) / "tok")
+        dataset = _open_dataset(spec, Path(scratch))  # before the model: a wrong dataset fails before a download
+        model = model_source(spec, scratch=Path(scratch))
+        tok_dir = fetch_tokenizer_files(storage_for(spec, model.uri), model.uri, dest=Path(scratch) / "tok")
         tokenizer = load_tokenizer(tok_dir)
         info = tokenizer_info(tokenizer, tok_dir)
-        fp = fingerprint(spec, dataset_sha256=dataset.sha256, tokenizer_digest=info.digest)
+        dataset_id = dataset.identity if isinstance(dataset, HubDataset) else dataset.sha256
+        fp = fingerprint(spec, dataset_id=dataset_id, tokenizer_digest=info.digest, model_sha=model.sha)
         found = _existing(storage, data_uri, fp, overwrite=overwrite)
         if found is not None:
             rows = found["splits"]["train"]["rows"]
@@ -273,21 +292,30 @@ def run_dataprep(
             for writer in writers.values():
                 writer.abort()
             raise
-    extra = _manifest_fields(spec, stats=stats, entries=entries, fingerprint=fp, dataset=dataset, info=info,
-                             seconds=time.perf_counter() - started)
+    extra = _manifest_fields(spec, stats=stats, entries=entries, fingerprint=fp, dataset=dataset, model=model,
+                             info=info, seconds=time.perf_counter() - started)
     manifest = storage.commit(spec.layout.manifest, objects, extra)
     return DataprepResult(manifest, False, summary_line(manifest))
 
 
-def _stream(dataset: DatasetFile, encoder: Encoder, packers: dict[str, _SplitPacker], *, spec: JobSpec, stats: Stats) -> None:
+def _open_dataset(spec: JobSpec, scratch: Path) -> DatasetFile | HubDataset:
+    """An hf:// dataset pinned to a commit (streamed later), or the dataset file (fetched from S3 if need be)."""
+    uri = spec.dataset.uri
+    if is_hub_uri(uri):
+        return open_hub_dataset(uri, scratch=scratch)
+    return fetch_dataset(storage_for(spec, uri), uri, scratch=scratch)
+
+
+def _stream(dataset: DatasetFile | HubDataset, encoder: Encoder, packers: dict[str, _SplitPacker], *, spec: JobSpec, stats: Stats) -> None:
     """Read and validate window k+1 while the workers encode window k; results are used in order."""
     d = spec.dataset
-    bar = _progress(count_records(dataset))
+    bar = _progress(None if isinstance(dataset, HubDataset) else count_records(dataset))
     parse = alpaca_example if d.format == "alpaca" else chat_example
     in_flight: deque[tuple[int, list[RawRecord], PendingWindow]] = deque()
     state = {"kept": 0, "index": 0}
     try:
-        for window in _windows(read_records(dataset), READ_WINDOW):
+        records = read_hub_records(dataset) if isinstance(dataset, HubDataset) else read_records(dataset)
+        for window in _windows(records, READ_WINDOW):
             examples: list[Example] = []
             sources: list[RawRecord] = []
             for record in window:

@@ -74,6 +74,23 @@ def check_uri(value: str, field: str) -> str:
     return value
 
 
+def check_source_uri(value: str, field: str, *, kind: str) -> str:
+    """A model or dataset source: what `check_uri` accepts, or a Hugging Face Hub URI (`pipelora.hub`)."""
+    from pipelora.hub import DATASET_GRAMMAR, MODEL_GRAMMAR, is_hub_uri, parse_hub_uri
+
+    if is_hub_uri(value):
+        parse_hub_uri(value, field=field, kind=kind)
+        return value
+    if value and "://" in value and not value.startswith(KNOWN_SCHEMES):
+        scheme = value.split("://", 1)[0]
+        grammar = MODEL_GRAMMAR if kind == "model" else DATASET_GRAMMAR
+        raise ValueError(
+            f"{field} uses the unsupported scheme '{scheme}://'; use {grammar} (Hugging Face Hub), s3:// (with "
+            "storage.endpoint_url for MinIO/Ceph), file:// or a local path"
+        )
+    return check_uri(value, field)
+
+
 def positive(field: str, hint: str) -> AfterValidator:
     """A validator for a number that must be > 0, whose message names the field and a usual value."""
 
@@ -110,16 +127,18 @@ class StorageSpec(_Section):
 
 
 class ModelSpec(_Section):
-    uri: str = Field(description="Hugging Face layout folder: config.json, *.safetensors, tokenizer files.")
+    uri: str = Field(description="Hugging Face layout folder (config.json, *.safetensors, tokenizer files), or "
+                                 "hf://<org>/<name>[@<revision>] on the Hugging Face Hub.")
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return check_uri(v, "model.uri")
+        return check_source_uri(v, "model.uri", kind="model")
 
 
 class DatasetSpec(_Section):
-    uri: str = Field(description="Dataset file: .json, .jsonl or .parquet.")
+    uri: str = Field(description="Dataset file (.json, .jsonl or .parquet), or "
+                                 "hf://datasets/<org>/<name>[@<revision>][#<split>] on the Hugging Face Hub.")
     format: Literal["alpaca", "messages"] = "alpaca"
     template: Literal["alpaca", "chat"] = "alpaca"
     seq_len: Annotated[int, positive("dataset.seq_len", "2048 suits a 7B model")] = Field(
@@ -138,7 +157,7 @@ class DatasetSpec(_Section):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        return check_uri(v, "dataset.uri")
+        return check_source_uri(v, "dataset.uri", kind="dataset")
 
     @model_validator(mode="after")
     def _template_fits_format(self) -> DatasetSpec:
@@ -423,11 +442,15 @@ def check_against_model(spec: JobSpec) -> bool:
     reach, no credentials, no model there yet), warns that the model went unchecked and returns
     False: the trainer checks the same rules when it loads the model.
     """
+    from pipelora.hub import is_hub_uri, read_model_config
     from pipelora.storage import join_uri, storage_for
 
     where = join_uri(spec.model.uri, "config.json")
     try:
-        config = storage_for(spec, spec.model.uri).read_json(where)
+        if is_hub_uri(spec.model.uri):  # the run's committed mirror, else the Hub itself
+            config = read_model_config(spec)
+        else:
+            config = storage_for(spec, spec.model.uri).read_json(where)
     except PipeloraError as exc:
         warnings.warn(
             f"could not check the model ({exc}); its model_type and lora.target_modules are checked when "

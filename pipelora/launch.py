@@ -40,3 +40,6 @@ def rank_relay_dir(runtime: Path) -> Path:
 def ready_file(runtime: Path) -> Path:
     """Present once sshd listens: the readiness probe tests it (a TCP probe logs two sshd lines)."""
     return runtime / "ready"
+
+# The port the workers' sshd listens on (the image's sshd_config; the chart's worker.sshPort).
+SSH_PORT = 2222

@@ -13,7 +13,10 @@ names, so a change here is a change everywhere (a test greps the tree for stray 
     <storage.uri>/<name>/logs/rank-<RRRRR>.log
     <storage.uri>/<name>/tensorboard/
     <storage.uri>/<name>/lease
+    <storage.uri>/<name>/export/merged[-step-<NNNNNNNN>]/        `export --merge` (+ COMMITTED)
+    <storage.uri>/<name>/export/adapter[-step-<NNNNNNNN>]/       `export` (+ COMMITTED)
     <storage.uri>/_hub/models/<org>/<name>/<sha>/                hf:// models mirrored once
+    <storage.uri>/_hub/models/<org>/<name>/<sha>/COMMITTED       written last, after every file of the mirror
 """
 
 from __future__ import annotations
@@ -36,7 +39,18 @@ PROGRESS_NAME = "progress.json"
 LOGS_DIR = "logs"
 TENSORBOARD_DIR = "tensorboard"
 LEASE_NAME = "lease"
+# Beside the lease, short-lived: a local store's lock while the lease is swapped, and the object an
+# S3 store is probed with once to learn whether it honours conditional writes.
+LEASE_LOCK_NAME = f"{LEASE_NAME}.lock"
+LEASE_PROBE_PREFIX = f"{LEASE_NAME}.probe-"
+EXPORT_DIR = "export"
+MERGED_NAME = "merged"
+# An export (merged model or adapter copy) is committed like a checkpoint: its marker goes last.
+EXPORT_MARKER = CHECKPOINT_MARKER
 HUB_DIR = "_hub"
+HUB_MODELS_DIR = "models"
+# Written last into a mirrored hf:// model's folder, naming every file with its size and sha256.
+HUB_MARKER = CHECKPOINT_MARKER
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RANK_LOG = re.compile(r"^rank-(\d{5})\.log$")
@@ -137,6 +151,21 @@ class RunLayout:
     def lease(self) -> str:
         return join_uri(self.run_uri, LEASE_NAME)
 
+    @property
+    def lease_lock(self) -> str:
+        return join_uri(self.run_uri, LEASE_LOCK_NAME)
+
+    def lease_probe(self, token: str) -> str:
+        return join_uri(self.run_uri, LEASE_PROBE_PREFIX + token)
+
+    # -- exports ------------------------------------------------------------------------------
+    def export(self, *, merge: bool, step: int | None = None) -> str:
+        """The default folder of `pipelora-k8s export`: merged weights or a copy of the adapter."""
+        name = MERGED_NAME if merge else ADAPTER_DIR
+        if step is not None:
+            name = f"{name}-{step_dir_name(step)}"
+        return join_uri(self.run_uri, EXPORT_DIR, name)
+
     # -- what `run --fresh` clears: everything the trainer writes, never the prepared data ----------
     @property
     def training_outputs(self) -> tuple[str, ...]:
@@ -145,4 +174,9 @@ class RunLayout:
 
 def hub_model_uri(storage_uri: str, org: str, name: str, sha: str) -> str:
     """The shared mirror of an hf:// model at one commit, reused by every run in `storage_uri`."""
-    return join_uri(storage_uri, HUB_DIR, "models", org, name, sha)
+    return join_uri(storage_uri, HUB_DIR, HUB_MODELS_DIR, org, name, sha)
+
+
+def hub_model_marker(storage_uri: str, org: str, name: str, sha: str) -> str:
+    """The object whose presence means the mirror at `hub_model_uri(...)` is whole (written last)."""
+    return join_uri(hub_model_uri(storage_uri, org, name, sha), HUB_MARKER)

@@ -4,6 +4,12 @@ Every artifact of a run (shards, checkpoints, adapter, progress) goes through he
 trainer never needs a shared filesystem. `commit` is the one mechanism that makes a set of
 objects visible: a marker (the data manifest, a checkpoint's commit marker) is written only after every
 object it names is in place, and records each one's size and sha256 so readers can verify.
+
+S3 calls ride through transient faults (5xx, SlowDown, reset connections, stalls) and give up on
+a persistent outage in one sentence naming the URI, within a bound the environment sets:
+`PIPELORA_S3_MAX_ATTEMPTS` (tries per request, default 5), `PIPELORA_S3_CONNECT_TIMEOUT` and
+`PIPELORA_S3_READ_TIMEOUT` (seconds per try, defaults 10 and 60), `PIPELORA_S3_RETRY_MODE`
+(botocore's mode, default `standard`). See `RetryPolicy`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 CHUNK = 8 * 1024 * 1024
+READ_PIECE = 1024 * 1024  # S3 bodies are read in pieces this size: a broken body resumes from the last one
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
@@ -340,10 +349,93 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-class S3Storage(Storage):
-    """boto3 with the standard credential chain, adaptive retries and concurrent multipart."""
+RETRY_MODES = ("standard", "adaptive", "legacy")
 
-    def __init__(self, *, endpoint_url: str | None = None, region: str | None = None) -> None:
+
+def _env_number(name: str, default: float, *, whole: bool, minimum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        value = minimum - 1
+    if not value >= minimum:  # also refuses nan
+        kind = "a whole number" if whole else "a number of seconds"
+        raise StorageError(f"{name} must be {kind} of at least {minimum:g}, not '{raw}'; fix or unset it")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one S3 call tries before it gives up, read from the environment once per client.
+
+    Every request gets `attempts` tries (botocore's retry mode: exponential backoff with jitter
+    on 5xx, throttling and broken connections), and each attempt waits at most `connect_timeout`
+    to connect and `read_timeout` between two received bytes, so a stalled store never hangs a
+    rank: a call that cannot succeed ends after about attempts x (timeout + backoff). What
+    botocore cannot retry (a response body that breaks or ends short after the call returned) is
+    retried here with the same budget and the same kind of backoff.
+    """
+
+    attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    mode: str = "standard"
+    backoff_base: float = 0.1  # seconds; doubled per attempt, full jitter
+    backoff_cap: float = 20.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        mode = os.environ.get("PIPELORA_S3_RETRY_MODE", "").strip() or cls.mode
+        if mode not in RETRY_MODES:
+            raise StorageError(f"PIPELORA_S3_RETRY_MODE must be one of {', '.join(RETRY_MODES)}, not '{mode}'")
+        return cls(
+            attempts=int(_env_number("PIPELORA_S3_MAX_ATTEMPTS", cls.attempts, whole=True, minimum=1)),
+            connect_timeout=_env_number("PIPELORA_S3_CONNECT_TIMEOUT", cls.connect_timeout, whole=False, minimum=0.1),
+            read_timeout=_env_number("PIPELORA_S3_READ_TIMEOUT", cls.read_timeout, whole=False, minimum=0.1),
+            mode=mode,
+        )
+
+    def pause(self, failures: int) -> None:
+        """Sleep before the next try after `failures` failed ones: uniform in [0, base x 2^(failures-1)]."""
+        time.sleep(random.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** max(failures - 1, 0))))
+
+
+class _ShortBody(Exception):
+    """A response body that ended before its Content-Length (or a file shorter than the object)."""
+
+    def __init__(self, got: int, expected: int) -> None:
+        super().__init__(f"got {got} of {expected} bytes")
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What reading a response body raises when the connection breaks, stalls or ends short (and
+    `_ShortBody`, which the readers here raise for a body that ended early without an error)."""
+    import http.client
+
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import HTTPError as URLLib3Error
+
+    return (_ShortBody, ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError,
+            URLLib3Error, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class S3Storage(Storage):
+    """boto3 with the standard credential chain, retries with backoff (`RetryPolicy`) and concurrent multipart."""
+
+    def __init__(self, *, endpoint_url: str | None = None, region: str | None = None,
+                 policy: RetryPolicy | None = None) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -352,25 +444,45 @@ class S3Storage(Storage):
         # What this client learnt about buckets belongs to its endpoint: never shared between instances.
         self._known_buckets: set[str] = set()
         self._bucket_lock = threading.Lock()
-        attempts = int(os.environ.get("PIPELORA_S3_MAX_ATTEMPTS", "5"))
+        self.policy = policy or RetryPolicy.from_env()
         config = Config(
-            retries={"mode": "adaptive", "max_attempts": attempts},
-            connect_timeout=float(os.environ.get("PIPELORA_S3_CONNECT_TIMEOUT", "10")),
-            read_timeout=60,
+            # "standard": backoff per request; "adaptive" would also slow every later request of the
+            # process after one SlowDown (opt in with PIPELORA_S3_RETRY_MODE).
+            retries={"mode": self.policy.mode, "total_max_attempts": self.policy.attempts},  # type: ignore[arg-type]
+            connect_timeout=self.policy.connect_timeout,
+            read_timeout=self.policy.read_timeout,
             max_pool_connections=32,
         )
         session = boto3.session.Session()
         self.client: S3Client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self.transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=CHUNK * 2, max_concurrency=8
+            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=CHUNK * 2, max_concurrency=8,
+            num_download_attempts=self.policy.attempts,
         )
 
-    def _error(self, exc: Exception, uri: str, action: str) -> StorageError:
+    def _error(self, exc: BaseException, uri: str, action: str) -> StorageError:
         """Turn a botocore failure into one sentence naming the URI and the likely fix."""
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ProxyConnectionError,
+            ReadTimeoutError,
+        )
 
         bucket, _ = split_s3(uri)
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        endpoint = self.endpoint_url or "AWS"
+        tries = f"tried up to {self.policy.attempts} times"
+        if isinstance(exc, (S3UploadFailedError, RetriesExceededError)):
+            # boto3's transfer wrappers: the cause is the botocore error underneath.
+            cause = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+            if isinstance(cause, BaseException) and cause is not exc:
+                return self._error(cause, uri, action)
+            return StorageError(f"cannot {action} {uri}: {_one_line(exc)}{where}")
         if isinstance(exc, NoCredentialsError):
             return StorageError(
                 f"cannot {action} {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
@@ -378,7 +490,8 @@ class S3Storage(Storage):
             )
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            meta = exc.response.get("ResponseMetadata", {})
+            status = meta.get("HTTPStatusCode")
             if code == "NoSuchBucket":
                 return StorageError(f"cannot {action} {uri}: bucket '{bucket}' does not exist{where}; create it or fix the URI")
             if code in ("NoSuchKey", "404") or status == 404:
@@ -387,38 +500,119 @@ class S3Storage(Storage):
                 return StorageError(
                     f"cannot {action} {uri}: access denied ({code}){where}; check the credentials and the bucket policy"
                 )
+            if code == "PreconditionFailed" or status == 412:
+                return StorageError(f"cannot {action} {uri}: it changed while it was being read; read it again")
+            if isinstance(status, int) and (status >= 500 or status == 429) or code in ("SlowDown", "Throttling"):
+                answered = f"{code} ({status})" if code and code != str(status) else str(status)
+                attempts = int(meta.get("RetryAttempts", 0)) + 1
+                return StorageError(
+                    f"cannot {action} {uri}: S3 answered {answered}{where} to all {attempts} attempts; "
+                    "the store is failing or throttling: retry later, or allow more attempts with "
+                    "PIPELORA_S3_MAX_ATTEMPTS"
+                )
             return StorageError(f"cannot {action} {uri}: S3 answered {code or status}{where}")
-        if isinstance(exc, EndpointConnectionError) or "Connect" in type(exc).__name__:
+        if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)):
             return StorageError(
-                f"cannot {action} {uri}: S3 endpoint {self.endpoint_url or 'AWS'} is unreachable; "
+                f"cannot {action} {uri}: S3 endpoint {endpoint} is unreachable; "
                 "check storage.endpoint_url and the network"
             )
-        return StorageError(f"cannot {action} {uri}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, ReadTimeoutError):
+            return StorageError(
+                f"cannot {action} {uri}: S3 endpoint {endpoint} did not answer within "
+                f"{self.policy.read_timeout:g}s ({tries}); check the store, or raise PIPELORA_S3_READ_TIMEOUT "
+                "or PIPELORA_S3_MAX_ATTEMPTS"
+            )
+        if isinstance(exc, ConnectionClosedError):
+            return StorageError(
+                f"cannot {action} {uri}: S3 endpoint {endpoint} closed the connection before answering ({tries}); "
+                "check the network and the store, or raise PIPELORA_S3_MAX_ATTEMPTS"
+            )
+        if isinstance(exc, _stream_errors()):
+            return StorageError(
+                f"cannot {action} {uri}: the connection to S3 endpoint {endpoint} broke ({_one_line(exc)}; "
+                f"{tries}); check the network and the store, or raise PIPELORA_S3_MAX_ATTEMPTS"
+            )
+        return StorageError(f"cannot {action} {uri}: {_one_line(exc)}")
 
     def _call(self, action: str, uri: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise self._error(exc, uri, action) from None
 
-    def read_bytes(self, uri: str) -> bytes:
+    def _broken_body(self, uri: str, failures: int, exc: BaseException) -> None:
+        """A body read failed (`failures` in a row): pause before the next try, or give up in one sentence."""
+        if failures >= self.policy.attempts:
+            endpoint = self.endpoint_url or "AWS"
+            raise StorageError(
+                f"cannot read {uri}: the response body from S3 endpoint {endpoint} broke off in "
+                f"{failures} attempts in a row (last: {_one_line(exc)}); check the network and the store, "
+                "or raise PIPELORA_S3_MAX_ATTEMPTS"
+            ) from None
+        self.policy.pause(failures)
+
+    def _stream(self, uri: str, first: int = 0, last: int | None = None) -> Iterator[bytes]:
+        """Bytes `first`..`last` (inclusive; None: to the end) of the object, in pieces.
+
+        botocore retries a request, not the body that follows its headers: a body that breaks
+        off, stalls or ends short is resumed here where it stopped, with a ranged GET pinned to
+        the first answer's ETag (two versions of an object are never spliced). Failures in a row
+        without progress are bounded by the retry policy's attempts.
+        """
         bucket, key = split_s3(uri)
-        resp = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key)
-        return self._call("read", uri, resp["Body"].read)
+        pos, end, etag, failures = first, -1, "", 0
+        while end < 0 or pos < end:
+            extra: dict[str, str] = {}
+            if pos or last is not None:
+                extra["Range"] = f"bytes={pos}-{'' if last is None else last}"
+            if etag:
+                extra["IfMatch"] = etag
+            resp = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key, **extra)  # type: ignore[arg-type]
+            answered = str(resp.get("ContentRange", ""))
+            if "Range" in extra and not answered and end < 0 and int(resp["ContentLength"]) == 0:
+                resp["Body"].close()  # an empty object: stores answer a range of it with no range
+                return
+            if "Range" in extra and not answered.startswith(f"bytes {pos}-"):
+                resp["Body"].close()
+                raise StorageError(
+                    f"cannot read {uri}: S3 endpoint {self.endpoint_url or 'AWS'} ignored the byte range "
+                    f"{extra['Range']} (it answered {resp.get('ContentRange') or 'the whole object'}); "
+                    "use an S3 store that serves ranged GETs"
+                )
+            if end < 0:
+                end, etag = pos + int(resp["ContentLength"]), resp.get("ETag", "")
+            body, began = resp["Body"], pos
+            try:
+                while pos < end:
+                    try:
+                        piece = body.read(min(CHUNK, READ_PIECE))
+                        if not piece:
+                            raise _ShortBody(pos - first, end - first)
+                    except _stream_errors() as exc:
+                        # The budget is for answers in a row that brought nothing.
+                        failures = 0 if pos > began else failures + 1
+                        self._broken_body(uri, failures, exc)
+                        break
+                    pos += len(piece)
+                    yield piece
+            finally:
+                body.close()
+
+    def read_bytes(self, uri: str) -> bytes:
+        return b"".join(self._stream(uri))
 
     def read_range(self, uri: str, start: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        bucket, key = split_s3(uri)
-        resp = self._call(
-            "read", uri, self.client.get_object, Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
-        )
-        return self._call("read", uri, resp["Body"].read)
+        return b"".join(self._stream(uri, start, start + length - 1))
 
     def write_bytes(self, uri: str, data: bytes) -> ObjectInfo:
         bucket, key = split_s3(uri)
+        # A reset or timed-out request is sent again by botocore (the body is rewound); S3 makes an
+        # object visible only whole, so a retried put never leaves it short.
         if len(data) >= MULTIPART_THRESHOLD:
             self._call("write", uri, self.client.upload_fileobj, io.BytesIO(data), bucket, key, Config=self.transfer)
         else:
@@ -432,20 +626,37 @@ class S3Storage(Storage):
         return ObjectInfo(uri, Path(path).stat().st_size, digest)
 
     def download_file(self, uri: str, path: str | Path) -> None:
+        """Concurrent ranged GETs (s3transfer restarts a part whose body breaks, up to the attempts);
+        the file must then hold as many bytes as the object, or it is fetched again."""
+        from boto3.s3.transfer import create_transfer_manager
+        from s3transfer.exceptions import RetriesExceededError
+
         bucket, key = split_s3(uri)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.part"
-        self._call("read", uri, self.client.download_file, bucket, key, tmp, Config=self.transfer)
+        failures = 0
+        while True:
+            with create_transfer_manager(self.client, self.transfer) as manager:
+                future = manager.download(bucket, key, tmp)
+                try:
+                    self._call("read", uri, future.result)
+                except StorageError:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                except RetriesExceededError as exc:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise self._error(getattr(exc, "last_exception", None) or exc, uri, "read") from None
+                expected = future.meta.size
+            got = Path(tmp).stat().st_size
+            if expected is None or got == expected:
+                break
+            Path(tmp).unlink(missing_ok=True)
+            failures += 1
+            self._broken_body(uri, failures, _ShortBody(got, expected))
         os.replace(tmp, path)
 
     def read_chunks(self, uri: str) -> Iterator[bytes]:
-        bucket, key = split_s3(uri)
-        body = self._call("read", uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
-        try:
-            while chunk := self._call("read", uri, body.read, CHUNK):
-                yield chunk
-        finally:
-            body.close()
+        return self._stream(uri)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         bucket, key = split_s3(prefix)

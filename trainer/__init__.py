@@ -28,6 +28,7 @@ __all__ = [
     "compat",  # the one seam to DeepSpeed and transformers internals, and the supported versions
     "data",  # micro-batch streams of packed shards
     "adapter",  # the final PEFT adapter
+    "export",  # merged Hugging Face checkpoints and adapter copies of any committed step
     "local",  # the whole model in one process, for checks and inference
     "init_model",  # random-weight models in Hugging Face layout
     "presets",  # the shapes init-model writes

@@ -12,6 +12,7 @@ This module owns the marker's schema and the rule for which checkpoints a run ma
 
 from __future__ import annotations
 
+import copy
 import io
 import random
 import time
@@ -144,14 +145,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def stage_files(*, stage: int, rank: int, write_stage: bool, lora: dict[str, torch.Tensor],
-                optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, bytes]:
-    """The bytes this rank contributes to a checkpoint."""
-    files = {rng_name(rank): torch_bytes(rng_state())}
-    if write_stage:
-        files[lora_name(stage)] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in lora.items()})
-        files[optim_name(stage)] = torch_bytes({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-    return files
+def host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory and every container rebuilt: nothing in the copy
+    is shared with the live state, which the next optimizer step updates in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [host_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    """One rank's part of a checkpoint, copied to host memory at the step boundary.
+
+    Taking it costs a memory copy; turning it into file bytes (`files`) and uploading them can then
+    happen on another thread while training goes on, and still save exactly this step's state.
+    """
+
+    stage: int
+    rank: int
+    rng: dict[str, Any]
+    lora: dict[str, torch.Tensor] | None = None  # only from the stage's first data-parallel replica
+    optim: dict[str, Any] | None = None  # {"optimizer": ..., "scheduler": ...}, idem
+
+    def files(self) -> dict[str, bytes]:
+        """The bytes this rank contributes to a checkpoint, by file name."""
+        files = {rng_name(self.rank): torch_bytes(self.rng)}
+        if self.lora is not None:
+            files[lora_name(self.stage)] = save_safetensors({k: v.contiguous() for k, v in self.lora.items()})
+        if self.optim is not None:
+            files[optim_name(self.stage)] = torch_bytes(self.optim)
+        return files
+
+
+def snapshot(*, stage: int, rank: int, write_stage: bool, lora: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> StageSnapshot:
+    """This rank's state now, in host memory (see StageSnapshot)."""
+    if not write_stage:
+        return StageSnapshot(stage, rank, host_copy(rng_state()))
+    return StageSnapshot(stage, rank, host_copy(rng_state()), lora=host_copy(dict(lora)),
+                         optim=host_copy({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
 
 
 def upload(storage: Storage, layout: RunLayout, step: int, files: dict[str, bytes]) -> list[ObjectInfo]:

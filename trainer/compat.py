@@ -4,8 +4,9 @@ The trainer leans on a few names these libraries do not promise to keep: DeepSpe
 (`deepspeed.ops.__compatible_ops__`), the private partitioning hooks of its `PipelineModule`
 (`_partition_layers`, `_topo`, `_set_bounds`), its engine's step counter (`global_steps`), its
 topology class deep in `deepspeed.runtime` and the axis names its grid looks up; transformers'
-per-family modeling modules, the config's private `_attn_implementation` and the
-`position_embeddings` keyword of a decoder layer. Each is touched here and nowhere else, so an
+per-family modeling modules (named by the family table, `pipelora.families`), the config's private
+`_attn_implementation`, the `position_embeddings` keyword of a decoder layer and the layer-type
+argument of Gemma 3's rotary embedding. Each is touched here and nowhere else, so an
 upgrade is reviewed in one file, and `check_versions` refuses, at start-up and in one sentence,
 versions this seam was not tested with: a renamed internal would otherwise surface as a
 traceback on some rank minutes into a run.
@@ -15,6 +16,7 @@ Widening `SUPPORTED` is a decision to test: run the trainer tests against the ne
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -23,10 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipelora.families import family_of
 from pipelora.trainer.errors import TrainerError
 
 __all__ = [
     "SUPPORTED",
+    "attention_implementation",
+    "attention_mask",
     "call_decoder_layer",
     "check_versions",
     "data_major_topology",
@@ -36,6 +41,7 @@ __all__ = [
     "parse_version",
     "pipeline_module_cut_at",
     "requirement",
+    "rotary_embedding",
     "set_attention_implementation",
     "set_global_steps",
     "version_problems",
@@ -161,21 +167,49 @@ def family_classes(config: Any) -> tuple[type[nn.Module], type[nn.Module], type[
     """(decoder layer, RMSNorm, rotary embedding) classes of the config's model family.
 
     The pipeline builds layers one at a time rather than whole models, so it needs these classes
-    from the per-family modeling modules, whose contents transformers reorganises freely.
+    from the per-family modeling modules, whose contents transformers reorganises freely; which
+    module and which names is the family table's (`pipelora.families`).
     """
-    if config.model_type == "llama":
-        from transformers.models.llama import modeling_llama as llama
+    family = family_of(config)
+    module = importlib.import_module(f"transformers.models.{family.modeling}.modeling_{family.modeling}")
+    return getattr(module, family.decoder_layer), getattr(module, family.norm), getattr(module, family.rotary)
 
-        return llama.LlamaDecoderLayer, llama.LlamaRMSNorm, llama.LlamaRotaryEmbedding
-    from transformers.models.mistral import modeling_mistral as mistral
 
-    return mistral.MistralDecoderLayer, mistral.MistralRMSNorm, mistral.MistralRotaryEmbedding
+def attention_implementation(config: Any) -> str:
+    """The attention kernel for layers of `config`: sdpa, unless the config caps attention logits
+    (Gemma 2), which sdpa cannot do and transformers' eager attention does."""
+    capped = family_of(config).attention_softcap and getattr(config, "attn_logit_softcapping", None)
+    return "eager" if capped else "sdpa"
 
 
 def set_attention_implementation(config: Any, name: str) -> None:
     """Choose the attention kernel of layers built from `config` (normally chosen by
     `from_pretrained`, which the pipeline does not call)."""
     config._attn_implementation = name
+
+
+def attention_mask(config: Any, allowed: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """The mask a decoder layer of `config` takes for the boolean `allowed` [batch, 1, q, k].
+
+    sdpa takes the booleans as they are; eager attention adds the mask to its scores, so it gets
+    0 where attention is allowed and the dtype's lowest value where it is not (as transformers
+    builds it for eager layers).
+    """
+    if config._attn_implementation != "eager":
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def rotary_embedding(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, *,
+                     layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (cos, sin) for `position_ids`; families with one table per layer type (Gemma 3) take
+    the layer's type as a third argument."""
+    if layer_type is None:
+        cos, sin = rotary(hidden, position_ids)
+    else:
+        cos, sin = rotary(hidden, position_ids, layer_type)
+    return cos, sin
 
 
 def call_decoder_layer(layer: nn.Module, hidden: torch.Tensor, *, attention_mask: torch.Tensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ def parameter_shapes(config: Any) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], *, seed: int, std: float, dtype: torch.dtype) -> torch.Tensor:
-    if len(shape) == 1:  # RMSNorm scales start at one, as in a fresh model
+    if len(shape) == 1 and "norm" in name:  # RMSNorm scales start at one; biases (Qwen's q/k/v) are random
         return torch.ones(shape, dtype=dtype)
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -63,13 +63,19 @@ def write_random_model(
     weights: bool = True,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write config.json, the Mistral tokenizer and (unless `weights` is false) random safetensors."""
+    """Write config.json, the Mistral tokenizer and (unless `weights` is false) random safetensors.
+
+    `overrides` sets config attributes on top of the preset (`tie_word_embeddings`, a window...).
+    """
     from pipelora.dataprep.tokenizer import write_mistral_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = preset_config(family, preset)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     dtype = dtype or (torch.bfloat16 if preset == "7b" else torch.float32)
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(out)

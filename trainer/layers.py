@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipelora.families import family_of, layer_type, layer_window
 from pipelora.rows import IGNORE_INDEX
-from pipelora.trainer.compat import call_decoder_layer, family_classes
+from pipelora.trainer.compat import attention_mask, call_decoder_layer, family_classes, rotary_embedding
 from pipelora.trainer.lora import PEFT_PREFIX, inject_lora
 from pipelora.trainer.weights import CheckpointReader
 
@@ -64,32 +65,46 @@ def _load(reader: CheckpointReader, prefix: str, module: nn.Module) -> dict[str,
 
 
 class EmbeddingPipe(nn.Module):
-    """input_ids → hidden state (requires grad, so the frozen embedding does not cut the graph)."""
+    """input_ids → hidden state (requires grad, so the frozen embedding does not cut the graph).
 
-    hf_prefix = "model.embed_tokens"
+    Families that scale the embedding (Gemma) multiply by sqrt(hidden_size) cast to the weight's
+    dtype, exactly as their transformers embedding does.
+    """
 
     def __init__(self, config: Any, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
+        family = family_of(config)
+        self.hf_prefix = family.embedding
         with torch.device("meta"):
             embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens = _materialise(embed, _load(reader, self.hf_prefix, embed), dtype=dtype, device=device)
+        self.scale = float(config.hidden_size) ** 0.5 if family.embedding_scaled else None
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, position_ids = inputs
         hidden = self.embed_tokens(input_ids.long())
+        if self.scale is not None:  # the embedding's output has its weight's dtype
+            hidden = hidden * torch.tensor(self.scale, dtype=hidden.dtype, device=hidden.device)
         if torch.is_grad_enabled() and not hidden.requires_grad:
             hidden.requires_grad_(True)
         return hidden, position_ids.long()
 
 
 class DecoderPipe(nn.Module):
-    """One Hugging Face decoder layer with LoRA, its mask and RoPE recomputed from position_ids."""
+    """One Hugging Face decoder layer with LoRA, its mask and RoPE recomputed from position_ids.
+
+    The mask is the intersection of causality, the packed sequence and the layer's own window
+    (sliding layers of Mistral, Gemma and Qwen), so a window never reaches into the previous
+    sequence of a packed row either.
+    """
 
     def __init__(self, config: Any, layer_idx: int, reader: CheckpointReader, dtype: torch.dtype,
                  device: torch.device, lora: LoraSettings, activation_checkpointing: bool = False) -> None:
         super().__init__()
+        family = family_of(config)
         layer_cls, _, rotary_cls = family_classes(config)
-        self.hf_prefix = f"model.layers.{layer_idx}"
+        self.hf_prefix = f"{family.layers}.{layer_idx}"
+        self.config = config
         with torch.device("meta"):
             layer = layer_cls(config, layer_idx)
         self.layer = _materialise(layer, _load(reader, self.hf_prefix, layer), dtype=dtype, device=device)
@@ -97,12 +112,14 @@ class DecoderPipe(nn.Module):
                     dropout=lora.dropout, seed=lora.seed)
         self.layer.to(device)
         self.rotary = rotary_cls(config=config).to(device)
-        self.sliding_window = getattr(config, "sliding_window", None)
+        self.rope_layer_type = layer_type(config, layer_idx) if family.rope_per_layer_type else None
+        self.sliding_window = layer_window(config, layer_idx)
         self.activation_checkpointing = activation_checkpointing
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        mask = block_causal_mask(position_ids, sliding_window=self.sliding_window)
-        cos_sin = self.rotary(hidden, position_ids)
+        allowed = block_causal_mask(position_ids, sliding_window=self.sliding_window)
+        mask = attention_mask(self.config, allowed, dtype=hidden.dtype)
+        cos_sin = rotary_embedding(self.rotary, hidden, position_ids, layer_type=self.rope_layer_type)
         return call_decoder_layer(self.layer, hidden, attention_mask=mask, position_ids=position_ids, rope=cos_sin)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,26 +132,42 @@ class DecoderPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """Final norm + LM head → logits (the LM head reads the embedding when the weights are tied)."""
+    """Final norm + LM head → logits.
 
-    hf_prefix = "lm_head"
+    With `tie_word_embeddings` the head is the embedding matrix, read here from the embedding's
+    own tensor (this stage reads it even though another stage embeds the inputs); families that
+    cap their logits (Gemma 2) apply `cap * tanh(logits / cap)`.
+    """
 
     def __init__(self, config: Any, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
+        family = family_of(config)
         _, norm_cls, _ = family_classes(config)
+        self.hf_prefix = family.head
         with torch.device("meta"):
             norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
             head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.norm = _materialise(norm, _load(reader, "model.norm", norm), dtype=dtype, device=device)
-        source = "lm_head.weight"
-        if not reader.has(source) and getattr(config, "tie_word_embeddings", False):
-            source = "model.embed_tokens.weight"
+        self.norm = _materialise(norm, _load(reader, family.norm_weights, norm), dtype=dtype, device=device)
+        source = head_weight_name(config)
         weight = reader.read([source])[source]
         self.lm_head = _materialise(head, {"weight": weight}, dtype=dtype, device=device)
+        cap = getattr(config, "final_logit_softcapping", None) if family.logit_softcap else None
+        self.softcap = float(cap) if cap else None
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden, _ = inputs
-        return self.lm_head(self.norm(hidden))
+        logits: torch.Tensor = self.lm_head(self.norm(hidden))
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def head_weight_name(config: Any) -> str:
+    """The checkpoint tensor the LM head reads: the embedding's when the weights are tied."""
+    family = family_of(config)
+    if getattr(config, "tie_word_embeddings", False):
+        return f"{family.embedding}.weight"
+    return f"{family.head}.weight"
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

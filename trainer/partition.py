@@ -1,24 +1,45 @@
-"""Cut the pipeline items (embedding, decoder layers, norm + LM head) into balanced stages.
+"""Cut the pipeline items (embedding, decoder layers, norm + LM head) into stages that are balanced
+in time and fit in memory.
 
-Balanced by estimated compute per token, not by parameter count: a 32000-word LM head costs as
-much as several small decoder layers, while the embedding costs almost nothing. Every stage gets
-at least one decoder layer (so every stage trains LoRA weights), which is why a pipeline cannot
-have more stages than the model has decoder layers.
+Balanced by training FLOPs per token, not by parameter count: a 32000-word LM head costs as much
+as several small decoder layers, while the embedding costs almost nothing but holds as many
+weights as the head. Memory weighs in as a constraint: under 1F1B the first stage holds
+activations of `stages` micro-batches, the last of one, so the fastest cut can leave the first
+stage over the GPU's memory; the cut minimises the slowest stage's time among cuts whose every
+stage's predicted peak fits, and among equally fast cuts takes the one with the smallest peak
+(`pipelora.trainer.memory`). Every stage gets at least one decoder layer (so every stage trains
+LoRA weights), which is why a pipeline cannot have more stages than the model has decoder layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelora.trainer.errors import TrainerError
+from pipelora.trainer.memory import (
+    GIB,
+    RESERVE_BYTES,
+    Device,
+    ModelShape,
+    RunShape,
+    cut,
+    describe,
+    env_gpu_memory_bytes,
+    estimate_stages,
+    item_label,
+)
+from pipelora.trainer.memory import item_costs as _item_costs
 
 
 @dataclass(frozen=True)
 class Partition:
     bounds: tuple[int, ...]  # stage s owns items [bounds[s], bounds[s+1])
-    costs: tuple[float, ...]  # per item
+    costs: tuple[float, ...]  # per item: training FLOPs per token
     num_layers: int
+    peaks: tuple[int, ...] = ()  # predicted peak bytes per stage, when the run's shape is known
+    budget: int | None = None  # the memory every stage had to fit, bytes
+    fits: bool = True  # False: no cut fits `budget`; this is the cut with the smallest peak
 
     @property
     def stages(self) -> int:
@@ -31,78 +52,84 @@ class Partition:
         return sum(self.costs[i] for i in self.items(stage))
 
     def item_name(self, item: int) -> str:
-        if item == 0:
-            return "embed"
-        if item == self.num_layers + 1:
-            return "norm+head"
-        return f"layer {item - 1}"
+        return item_label(item, self.num_layers)
 
     def describe(self, stage: int) -> str:
-        items = list(self.items(stage))
-        layers = [i - 1 for i in items if 0 < i <= self.num_layers]
-        parts = ["embed"] if 0 in items else []
-        if layers:
-            parts.append(f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}")
-        if self.num_layers + 1 in items:
-            parts.append("norm+head")
-        return ", ".join(parts)
+        return describe(self.bounds[stage], self.bounds[stage + 1], self.num_layers)
 
     def table(self) -> str:
         total = sum(self.costs)
-        lines = ["stage  items                              est. GFLOP/token  share"]
+        memory = bool(self.peaks)
+        header = "stage  items                              est. GFLOP/token  share"
+        if memory:
+            header += "  pred. peak GiB"
+        lines = [header]
         for s in range(self.stages):
             cost = self.stage_cost(s)
-            lines.append(f"{s + 1:>5}  {self.describe(s):<34} {cost / 1e9:>16.4f}  {cost / total:>5.1%}")
+            line = f"{s + 1:>5}  {self.describe(s):<34} {cost / 1e9:>16.4f}  {cost / total:>5.1%}"
+            if memory:
+                line += f"  {self.peaks[s] / GIB:>14.2f}"
+            lines.append(line)
+        if self.budget is not None:
+            if self.fits:
+                lines.append(f"every stage's predicted peak fits {self.budget / GIB:.2f} GiB")
+            else:
+                lines.append(f"no cut fits {self.budget / GIB:.2f} GiB per rank; this cut has the smallest peak "
+                             "(see `pipelora-k8s plan`)")
         return "\n".join(lines)
 
 
 def item_costs(config: Any, *, seq_len: int) -> list[float]:
-    """Forward FLOPs per token of each item (backward scales every item alike)."""
-    h = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = config.num_key_value_heads * head_dim
-    attn_proj = 2 * (h * heads * head_dim * 2 + 2 * h * kv)
-    window = getattr(config, "sliding_window", None) or seq_len
-    attn_scores = 2 * 2 * heads * head_dim * min(seq_len, window) / 2  # causal: half the keys on average
-    mlp = 2 * 3 * h * config.intermediate_size
-    layer = attn_proj + attn_scores + mlp
-    head = 2 * h * config.vocab_size + 5 * config.vocab_size  # matmul, then softmax/cross-entropy
-    embed = h  # a lookup
-    return [embed, *([layer] * config.num_hidden_layers), head]
+    """Training FLOPs per token of each item (forward and backward; LoRA r=16 on every linear layer)."""
+    return [item.flops for item in _item_costs(ModelShape.from_config(config), RunShape(seq_len=seq_len))]
 
 
-def balanced_partition(config: Any, *, stages: int, seq_len: int) -> Partition:
-    """Contiguous split minimising the most expensive stage, one decoder layer per stage at least."""
-    n = config.num_hidden_layers
-    if stages > n:
+def _check_stages(stages: int, layers: int) -> None:
+    if stages > layers:
         raise TrainerError(
-            f"parallel.stages is {stages} but the model has {n} decoder layer{'s' if n != 1 else ''}; "
-            f"use at most {n} stages"
+            f"parallel.stages is {stages} but the model has {layers} decoder layer{'s' if layers != 1 else ''}; "
+            f"use at most {layers} stages"
         )
-    costs = item_costs(config, seq_len=seq_len)
-    count = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
 
-    def has_layer(a: int, b: int) -> bool:  # items [a, b) include a decoder layer
-        return max(a, 1) < min(b, n + 1)
 
-    inf = float("inf")
-    # best[k][j]: minimal max-stage cost splitting items [0, j) into k stages
-    best = [[inf] * (count + 1) for _ in range(stages + 1)]
-    cut = [[0] * (count + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, stages + 1):
-        for j in range(1, count + 1):
-            for i in range(k - 1, j):
-                if best[k - 1][i] == inf or not has_layer(i, j):
-                    continue
-                value = max(best[k - 1][i], prefix[j] - prefix[i])
-                if value < best[k][j] - 1e-9:
-                    best[k][j], cut[k][j] = value, i
-    bounds = [count]
-    for k in range(stages, 0, -1):
-        bounds.append(cut[k][bounds[-1]])
-    return Partition(tuple(reversed(bounds)), tuple(costs), n)
+def memory_aware_partition(model: ModelShape, run: RunShape, *, budget_bytes: int | None,
+                           reserve_bytes: int | None = None) -> Partition:
+    """The fastest cut whose every stage's predicted peak (1F1B in-flight activations included)
+    fits `budget_bytes` (None: the fastest cut, the smallest peak among equally fast ones)."""
+    _check_stages(run.stages, model.layers)
+    reserve = RESERVE_BYTES[run.device] if reserve_bytes is None else reserve_bytes
+    items = _item_costs(model, run)
+    bounds, fits = cut(items, run, hidden=model.hidden, budget_bytes=budget_bytes, reserve_bytes=reserve)
+    peaks = tuple(s.peak_bytes for s in estimate_stages(model, run, bounds, reserve_bytes=reserve))
+    return Partition(bounds, tuple(i.flops for i in items), model.layers, peaks=peaks, budget=budget_bytes, fits=fits)
+
+
+def device_budget(device: Device) -> int | None:
+    """The memory a stage must fit on this rank: `PIPELORA_GPU_MEMORY_GIB`, else the GPU's memory in
+    whole GiB (rounded down, so that ranks on GPUs of one model agree), else none (CPU)."""
+    budget = env_gpu_memory_bytes()
+    if budget is not None or device != "cuda":
+        return budget
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory // GIB * GIB
+
+
+def balanced_partition(config: Any, *, stages: int, seq_len: int, spec: Any = None) -> Partition:
+    """Contiguous split minimising the slowest stage, one decoder layer per stage at least.
+
+    With the job's `spec`, also memory-aware: every stage's predicted peak must fit the rank's
+    memory (`device_budget`), and the table shows each stage's predicted peak.
+    """
+    model = ModelShape.from_config(config)
+    _check_stages(stages, model.layers)
+    if spec is None:
+        run = RunShape(seq_len=seq_len, stages=stages)
+        items = _item_costs(model, run)
+        bounds, _ = cut(items, run, hidden=model.hidden, budget_bytes=None)
+        return Partition(bounds, tuple(i.flops for i in items), model.layers)
+    import torch
+
+    device: Device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = replace(RunShape.from_spec(spec, device=device), stages=stages, seq_len=seq_len)
+    return memory_aware_partition(model, run, budget_bytes=device_budget(device))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pipelora.config import JobSpec
+from pipelora.hub import model_storage_uri
 from pipelora.storage import storage_for
 from pipelora.trainer.errors import TrainerError
 from pipelora.trainer.lora import resolve_targets
@@ -73,11 +74,13 @@ def plan(spec: JobSpec, info: RankInfo | None = None) -> Plan:
             f"parallel.nodes x parallel.gpus_per_node = {p.nodes} x {p.gpus_per_node} = {p.world_size}; "
             f"start {p.world_size} ranks (mpirun -np {p.world_size}) or change the spec"
         )
-    model_storage = storage_for(spec, spec.model.uri)
-    config = read_model_config(model_storage, spec.model.uri)
+    # An hf:// model is read from its committed mirror in storage (recorded by dataprep), never from the Hub.
+    model_uri = model_storage_uri(spec)
+    model_storage = storage_for(spec, model_uri)
+    config = read_model_config(model_storage, model_uri)
     targets = resolve_targets(spec.lora.target_modules)
-    partition = balanced_partition(config, stages=p.stages, seq_len=spec.dataset.seq_len)
-    reader = CheckpointReader(model_storage, spec.model.uri)  # fails here, on every rank, without weights
+    partition = balanced_partition(config, stages=p.stages, seq_len=spec.dataset.seq_len, spec=spec)
+    reader = CheckpointReader(model_storage, model_uri)  # fails here, on every rank, without weights
     layout = spec.layout
     manifest = storage_for(spec, layout.data).read_marker(layout.manifest)
     if manifest is None:

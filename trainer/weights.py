@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelora.families import model_problems
 from pipelora.safetensors_header import (
     ITEM_SIZES,
     NUMPY_DTYPES,
@@ -89,6 +90,20 @@ class CheckpointReader:
             self.bytes_read += len(data)
         return data
 
+    def files(self) -> list[str]:
+        """The checkpoint's safetensors files, in name order (one for an unsharded model)."""
+        if self._weight_map is None:
+            return [SINGLE]
+        return sorted(set(self._weight_map.values()))
+
+    def header(self, file: str) -> dict[str, TensorEntry]:
+        """Every tensor of one file with its absolute byte range (read once, then cached)."""
+        return self._header(file)
+
+    def read_range(self, file: str, start: int, length: int) -> bytes:
+        """Raw bytes of one file (headers included), counted in `bytes_read`."""
+        return self._read(join_uri(self.model_uri, file), start, length)
+
     def file_of(self, name: str) -> str | None:
         if self._weight_map is None:
             return SINGLE if name in self._header(SINGLE) else None
@@ -148,10 +163,13 @@ def read_model_config(storage: Storage, model_uri: str) -> Any:
             f"cannot read the model config: {exc}; point model.uri at a Hugging Face model folder "
             "(create a test one with `pipelora-k8s init-model`)"
         ) from None
-    model_type = data.get("model_type")
-    if model_type not in ("mistral", "llama"):
-        raise TrainerError(f"{uri} has model_type '{model_type}'; the trainer supports mistral and llama")
+    if not isinstance(data, dict):
+        raise TrainerError(f"{uri} is not a JSON object; point model.uri at a Hugging Face model folder")
+    problems = model_problems(data, "all-linear", where=uri)
+    if problems:
+        raise TrainerError("; ".join(problems))
     kwargs = {k: v for k, v in data.items() if k != "model_type"}
-    config = AutoConfig.for_model(model_type, **kwargs)
-    compat.set_attention_implementation(config, "sdpa")  # takes the boolean block-diagonal masks built per layer
+    config = AutoConfig.for_model(data["model_type"], **kwargs)
+    # sdpa takes the boolean block-diagonal masks built per layer; eager where attention logits are capped
+    compat.set_attention_implementation(config, compat.attention_implementation(config))
     return config

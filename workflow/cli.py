@@ -25,6 +25,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "make-dataset": "pipelora.dataprep.command:make_dataset",
     "train": "pipelora.trainer.command:train",
     "init-model": "pipelora.trainer.command:init_model",
+    "plan": "pipelora.trainer.plan_cli:plan",
+    "export": "pipelora.trainer.command:export",
 }
 # The cluster commands and the local runner (this package); kept light to import.
 WORKFLOW_COMMANDS: dict[str, str] = {

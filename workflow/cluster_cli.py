@@ -267,11 +267,14 @@ def list_jobs(target: KubeTarget, all_namespaces: bool) -> None:
 @click.option("--timeout", "timeout_s", type=float, default=86400, show_default=True,
               help="Seconds to wait before failing.")
 @click.option("--interval", "interval_s", type=float, default=10, show_default=True, help="Seconds between polls.")
-def wait_for_data_cmd(spec: JobSpec, timeout_s: float, interval_s: float) -> None:
+@click.option("--workers/--no-workers", "wait_workers", default=False, show_default=True,
+              help="Then also wait until every worker pod's sshd accepts connections (the launcher does).")
+def wait_for_data_cmd(spec: JobSpec, timeout_s: float, interval_s: float, wait_workers: bool) -> None:
     """Wait until the run's data manifest is committed (the MPIJob launcher runs this first).
 
     Inside a pod whose service account may read the dataprep Job, a failed Job ends the wait
-    at once, with its reason; elsewhere only storage is polled.
+    at once, with its reason; elsewhere only storage is polled. With --workers it then waits for
+    every worker's sshd, so mpirun never starts before its hosts resolve.
 
     \b
     Example:
@@ -284,7 +287,16 @@ def wait_for_data_cmd(spec: JobSpec, timeout_s: float, interval_s: float) -> Non
         kube = Kube.in_cluster()
     except KubeError:
         kube = None
+    began = time.monotonic()
     wait_for_data(spec, timeout_s=timeout_s, interval_s=interval_s, echo=click.echo, kube=kube)
+    if wait_workers:
+        from pipelora.launch import SSH_PORT
+        from pipelora.workflow.names import ReleaseNames
+        from pipelora.workflow.waitdata import wait_for_workers
+
+        names = ReleaseNames(spec.name)
+        wait_for_workers([names.worker_host(i) for i in range(spec.parallel.nodes)], port=SSH_PORT,
+                         timeout_s=max(timeout_s - (time.monotonic() - began), 1.0), echo=click.echo)
 
 
 @click.command(name="release-training")

@@ -116,8 +116,11 @@ def release_training_command(*, config_path: str) -> list[str]:
     return ["pipelora-k8s", "release-training", "--config", config_path]
 
 
-def wait_for_data_command(*, config_path: str, timeout_s: int = DEFAULT_DATA_TIMEOUT_S) -> list[str]:
-    return ["pipelora-k8s", "wait-for-data", "--config", config_path, "--timeout", str(timeout_s)]
+def wait_for_data_command(*, config_path: str, timeout_s: int = DEFAULT_DATA_TIMEOUT_S,
+                          workers: bool = False) -> list[str]:
+    """The launcher's first step: the data manifest, then (on a cluster) every worker's sshd."""
+    argv = ["pipelora-k8s", "wait-for-data", "--config", config_path, "--timeout", str(timeout_s)]
+    return [*argv, "--workers"] if workers else argv
 
 
 def job_commands(
@@ -133,7 +136,7 @@ def job_commands(
     """Every command of a run; the defaults are the cluster's paths."""
     return JobCommands(
         dataprep=dataprep_command(config_path=config_path),
-        wait_for_data=wait_for_data_command(config_path=config_path, timeout_s=data_timeout_s),
+        wait_for_data=wait_for_data_command(config_path=config_path, timeout_s=data_timeout_s, workers=not local),
         launcher=mpirun_command(
             spec,
             config_path=config_path,

@@ -21,7 +21,9 @@ from typing import Any
 
 from pipelora.config import JobSpec
 from pipelora.errors import PipeloraError
+from pipelora.hub import is_hub_uri
 from pipelora.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST_NAME
+from pipelora.lease import LeaseHeld, LeaseLost, refuse_if_held
 from pipelora.storage import is_s3, local_path, storage_for
 from pipelora.workflow.commands import JobCommands, job_commands, local_hostfile_text
 from pipelora.workflow.plot import plot_losses
@@ -75,7 +77,8 @@ class RunResult:
 
 
 def is_local(uri: str) -> bool:
-    return not is_s3(uri)
+    """A path on this machine (not s3://, not an hf:// repo that dataprep mirrors)."""
+    return not is_s3(uri) and not is_hub_uri(uri)
 
 
 def ensure_inputs(spec: JobSpec, *, env: dict[str, str], echo: Echo) -> None:
@@ -152,6 +155,9 @@ def local_commands(spec: JobSpec, *, config: Path, hostfile: Path, master_port: 
 def run_local(spec: JobSpec, *, workdir: Path | None = None, make_missing: bool = True, fresh: bool = False,
               echo: Echo = print) -> RunResult:
     """Run the whole job here; returns where the results are."""
+    # Another attempt writing this run (a second terminal, a pod on the same bucket): refuse before
+    # dataprep or --fresh touch its folder; the trainer's own lease check settles any race.
+    refuse_if_held(storage_for(spec, spec.run_uri), spec.layout, run=spec.name)
     env = run_environment(spec)
     workdir = workdir or default_workdir(spec)
     if make_missing:
@@ -167,6 +173,13 @@ def run_local(spec: JobSpec, *, workdir: Path | None = None, make_missing: bool 
     code = _run_training(commands.launcher, env=env)
     if code != 0:
         progress = _progress(spec)
+        if code == LeaseHeld.exit_code:
+            refuse_if_held(storage_for(spec, spec.run_uri), spec.layout, run=spec.name)
+            raise LeaseHeld(f"run '{spec.name}' was taken by another attempt as training started; its ranks "
+                            "said which, above")
+        if code == LeaseLost.exit_code:
+            raise LeaseLost(f"training of run '{spec.name}' stopped: another attempt took over its lease, and this "
+                            "one committed nothing after that; its ranks said which, above")
         if progress.get("state") == "preempted":
             raise RunPreempted(f"preempted at step {progress.get('step')}, checkpoint committed; run the same "
                                "command again (without --fresh) to resume")

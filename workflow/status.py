@@ -168,6 +168,7 @@ def collect_status(kube: Kube, name: str) -> dict[str, Any]:
         "name": name,
         "namespace": kube.namespace,
         "run": spec.run_uri,
+        "tensorboard": spec.layout.tensorboard,
         "topology": {"stages": spec.parallel.stages, "nodes": spec.parallel.nodes,
                      "gpus_per_node": spec.parallel.gpus_per_node},
         "dataprep": {"phase": job_phase(dataprep), "conditions": _conditions(dataprep)},
@@ -233,4 +234,6 @@ def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
                 words.append(f"{key} {progress[key]:.4f}")
         words.append(f"eta {format_eta(progress.get('eta_s'))} (updated {int(age)}s ago)")
         lines.append(" ".join(words))
+    if status.get("tensorboard"):
+        lines.append(f"  tensorboard: tensorboard --logdir {status['tensorboard']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ instead of holding every GPU until the timeout.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
@@ -97,3 +98,45 @@ def wait_for_data(
                 f"(`pipelora-k8s logs {spec.name} --component dataprep`)"
             )
         sleep(min(interval_s, max(timeout_s - waited, 0.1)))
+
+
+def wait_for_workers(
+    hosts: list[str],
+    *,
+    port: int,
+    timeout_s: float,
+    interval_s: float = 1.0,
+    echo: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Block until every worker's name resolves and its sshd accepts a connection.
+
+    The MPI Operator (v0.8.2) creates the launcher of a job created suspended at once (zero of zero
+    workers are "all Ready"), and on resume starts it together with the workers, so
+    `launcherCreationPolicy: WaitForWorkersReady` holds nothing back: mpirun would find names that
+    do not resolve yet and fail the attempt. The launcher therefore waits for its workers itself.
+    """
+    start = time.monotonic()
+    pending = list(hosts)
+    echo(f"waiting for {len(hosts)} worker(s) to accept ssh on port {port}")
+    while pending:
+        still = []
+        for host in pending:
+            try:
+                with socket.create_connection((host, port), timeout=2):
+                    pass
+            except OSError:
+                still.append(host)
+        pending = still
+        if not pending:
+            break
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise WorkersTimeout(f"worker(s) {', '.join(pending)} did not accept ssh on port {port} within "
+                                 f"{int(waited)}s; see `kubectl describe pod {pending[0].split('.')[0]}`")
+        sleep(min(interval_s, max(timeout_s - waited, 0.1)))
+    echo(f"workers ready: {', '.join(hosts)}")
+
+
+class WorkersTimeout(PipeloraError):
+    exit_code = 3

@@ -71,7 +71,7 @@ def test_an_unsupported_model_type_is_rejected(tiny_mistral: Path, tmp_path: Pat
         check_against_model(spec_for(str(model)))
     assert info.value.messages == [
         f"model.uri: {model}/config.json has model_type 'gpt2', which the trainer does not support; "
-        "point model.uri at a mistral or llama model"
+        "point model.uri at a mistral, llama, qwen2, qwen3, gemma2 or gemma3_text model"
     ]
 
 

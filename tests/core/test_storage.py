@@ -316,3 +316,59 @@ def test_batch_delete_refusals_are_raised_naming_the_keys(s3_endpoint: str, s3_b
     assert "free" not in message and "\n" not in message
     assert [o.uri for o in s.list(root)] == [join_uri(root, "locked/c"), join_uri(root, "locked/d")]
     assert s.delete_prefix(root) == 2 and s.list(root) == []
+
+
+def test_retry_policy_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelora.storage import RetryPolicy
+
+    for name in ("PIPELORA_S3_MAX_ATTEMPTS", "PIPELORA_S3_CONNECT_TIMEOUT", "PIPELORA_S3_READ_TIMEOUT",
+                 "PIPELORA_S3_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert RetryPolicy.from_env() == RetryPolicy(attempts=5, connect_timeout=10.0, read_timeout=60.0, mode="standard")
+    monkeypatch.setenv("PIPELORA_S3_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("PIPELORA_S3_CONNECT_TIMEOUT", "2.5")
+    monkeypatch.setenv("PIPELORA_S3_READ_TIMEOUT", "7")
+    monkeypatch.setenv("PIPELORA_S3_RETRY_MODE", "adaptive")
+    assert RetryPolicy.from_env() == RetryPolicy(attempts=3, connect_timeout=2.5, read_timeout=7.0, mode="adaptive")
+
+
+@pytest.mark.parametrize(("name", "value", "says"), [
+    ("PIPELORA_S3_MAX_ATTEMPTS", "many", "PIPELORA_S3_MAX_ATTEMPTS must be a whole number of at least 1, not 'many'"),
+    ("PIPELORA_S3_MAX_ATTEMPTS", "0", "PIPELORA_S3_MAX_ATTEMPTS must be a whole number of at least 1, not '0'"),
+    ("PIPELORA_S3_READ_TIMEOUT", "nan", "PIPELORA_S3_READ_TIMEOUT must be a number of seconds of at least 0.1"),
+    ("PIPELORA_S3_CONNECT_TIMEOUT", "-1", "PIPELORA_S3_CONNECT_TIMEOUT must be a number of seconds of at least 0.1"),
+    ("PIPELORA_S3_RETRY_MODE", "eager", "PIPELORA_S3_RETRY_MODE must be one of standard, adaptive, legacy, not 'eager'"),
+])
+def test_a_bad_retry_setting_is_one_sentence(name: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelora.storage import S3Storage
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(StorageError) as info:
+        S3Storage(endpoint_url="http://127.0.0.1:9")
+    assert str(info.value).startswith(says) and "\n" not in str(info.value)
+
+
+def test_the_client_carries_the_policy() -> None:
+    """Every request of the client, and every download part of the transfer manager, gets the attempts
+    and timeouts, so a stalled store never hangs a rank."""
+    from pipelora.storage import RetryPolicy, S3Storage
+
+    s = S3Storage(endpoint_url="http://127.0.0.1:9",
+                  policy=RetryPolicy(attempts=3, connect_timeout=1.5, read_timeout=4.0, mode="standard"))
+    config = s.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (1.5, 4.0)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+    assert s.transfer.num_download_attempts == 3
+
+
+def test_an_unreachable_endpoint_is_tried_the_configured_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's own retry count, observed through its event hooks: one request per attempt."""
+    from pipelora.storage import RetryPolicy, S3Storage
+
+    s = S3Storage(endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+                  policy=RetryPolicy(attempts=3, connect_timeout=1.0, read_timeout=1.0))
+    sent: list[str] = []
+    s.client.meta.events.register("before-send.s3.*", lambda request, **_: sent.append(request.method))
+    with pytest.raises(StorageError, match="is unreachable"):
+        s.read_bytes("s3://bucket/key")
+    assert sent == ["GET", "GET", "GET"]

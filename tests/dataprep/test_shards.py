@@ -24,7 +24,7 @@ def prepared(tmp_path_factory, tokenizer_dir):
         "parallel": {"stages": 1, "micro_batches": 2},
     })
     run_dataprep(spec, shard_rows=10)
-    return spec.run_path("data")
+    return spec.layout.data
 
 
 def all_rows(ds):

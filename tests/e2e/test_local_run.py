@@ -154,3 +154,20 @@ def test_the_executed_commands_are_the_charts(local_run: tuple[Path, Path, str])
     assert train[-4:-1] == cluster.launcher[-4:-1] and train[-1] == str(run / "local" / "job.yaml")
     assert train[:5] == ["mpirun", "--hostfile", str(run / "local" / "hostfile"), "-np", "2"]
     assert (run / "local" / "hostfile").read_text() == "localhost slots=2\n"
+
+
+def test_rank_zero_keeps_tensorboard_events_in_the_run_folder(local_run: tuple[Path, Path, str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run, _ = local_run
+    events = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    progress = json.loads((run / "progress.json").read_text())
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in losses] == [s for s, _ in progress["losses"]]
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(losses, progress["losses"], strict=True))
+    assert [e.step for e in acc.Scalars("eval/loss")] == [s for s, _ in progress["eval_losses"]]
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s_per_device", "train/step_time_s"} <= tags

@@ -193,3 +193,35 @@ def test_init_model_command_is_registered_and_writes_the_folder(tmp_path: Path) 
     assert "config and tokenizer only" in result.output
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 32
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "qwen3", "gemma2", "gemma3"])
+def test_init_model_writes_each_family_and_the_pipeline_reproduces_its_logits(family: str, tmp_path: Path) -> None:
+    folder = write_random_model(tmp_path / family, family=family, preset="tiny", seed=2,  # type: ignore[arg-type]
+                                max_shard_bytes=3 * 1024 * 1024)
+    assert (folder / "model.safetensors.index.json").is_file()
+    ours = build_local_model(open_storage(str(folder)), str(folder), lora=LORA).eval()
+    ids = torch.randint(0, 32000, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _hf(folder)(input_ids=ids).logits
+        got = ours(ids, torch.arange(40).repeat(2, 1))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_random_biases_are_random_and_norm_scales_one(tmp_path: Path) -> None:
+    tensors = read_all(write_random_model(tmp_path / "qwen2", family="qwen2", preset="tiny", seed=1))
+    assert tensors["model.layers.0.self_attn.q_proj.bias"].std() > 0.01
+    assert torch.equal(tensors["model.layers.0.input_layernorm.weight"], torch.ones(128))
+
+
+@pytest.mark.parametrize(("family", "model_type"), [("llama3", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3"),
+                                                    ("gemma2", "gemma2"), ("gemma3", "gemma3_text")])
+def test_init_model_takes_the_new_families(family: str, model_type: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipelora.workflow.cli import cli
+
+    result = CliRunner().invoke(cli, ["init-model", "--family", family, "--preset", "7b", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == model_type and config["vocab_size"] == 32000

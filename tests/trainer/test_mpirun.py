@@ -19,7 +19,7 @@ from pipelora.trainer.local import load_local_adapter
 pytestmark = pytest.mark.slow
 
 LINE = re.compile(r"^\[stage (\d+)/(\d+) dp (\d+)/(\d+)\] step (\d+)/(\d+) loss ([\d.]+) lr (\S+) tok/s (\d+) "
-                  r"mem ([\d.]+)GiB eta (\d+:\d\d:\d\d)$", re.M)
+                  r"mem ([\d.]+)GiB eta (\d+:\d\d:\d\d)(?: tok/s/dev (\d+) mfu ([\d.]+)%)?$", re.M)
 
 
 def step_lines(stdout: str) -> list[tuple[int, int, int, float]]:

@@ -151,6 +151,8 @@ def test_status_reports_conditions_pods_and_progress(api: Path, capsys: pytest.C
     assert "MPIJob        Running (MPIJobRunning: MPIJob ml/demo is running)" in out
     assert "demo-worker-1" in out and "CrashLoopBackOff" in out and "restarts 2" in out
     assert "progress: running step 40/100 loss 1.2500 eval_loss 1.5000 eta 1:02:05" in out
+    tensorboard = spec_from_dict(demo_spec(api)).layout.tensorboard
+    assert f"tensorboard: tensorboard --logdir {tensorboard}" in out
 
     code, out, err = cli(["status", NAME, "-o", "json", "--namespace", NS, "--context", "test"], capsys)
     info = json.loads(out)
