@@ -190,3 +190,14 @@ def plan(spec: JobSpec, gpu_memory_gib: float | None, gpu_tflops: float | None, 
     click.echo(json.dumps(as_json(result), indent=2) if as_json_ else render(result, name=spec.name))
     if result.problems:
         raise TrainerError(result.problems[0])
+
+
+def check_fits(spec: JobSpec, gpu_memory_gib: float) -> None:
+    """What `validate` and `submit --gpu-memory-gib` run: every stage must fit, else one sentence per
+    stage that does not, with the smallest changes that fix it (the `plan` command's check)."""
+    from pipelora.config import ConfigError
+    from pipelora.trainer.memory import plan_problems
+
+    problems = plan_problems(spec, read_config(spec, None), gpu_memory_gib=gpu_memory_gib)
+    if problems:
+        raise ConfigError(problems)

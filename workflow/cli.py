@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 
 import click
 
@@ -70,9 +71,23 @@ def cli() -> None:
     """
 
 
+def gpu_memory_option(command: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--gpu-memory-gib", type=click.FloatRange(min=1), envvar="PIPELORA_GPU_MEMORY_GIB", default=None,
+        help="Memory of one GPU: refuse a job whose pipeline stages would not fit (as `plan` predicts).",
+    )(command)
+
+
+def check_fits(spec: JobSpec, gpu_memory_gib: float | None) -> None:
+    """The `plan` command's fit check, run through that command's module (it reads only config.json)."""
+    if gpu_memory_gib is not None:
+        importlib.import_module("pipelora.trainer.plan_cli").check_fits(spec, gpu_memory_gib)
+
+
 @cli.command()
 @spec_options
-def validate(spec: JobSpec) -> None:
+@gpu_memory_option
+def validate(spec: JobSpec, gpu_memory_gib: float | None) -> None:
     """Check a job spec and print it resolved (file, then flags); every problem is listed.
 
     \b
@@ -80,6 +95,7 @@ def validate(spec: JobSpec) -> None:
       pipelora-k8s validate --config examples/mistral-7b-alpaca.yaml --stages 8 --nodes 2
     """
     check_against_model(spec)
+    check_fits(spec, gpu_memory_gib)
     echo_spec(spec)
 
 

@@ -53,7 +53,9 @@ def _render(spec: JobSpec, namespace: str | None) -> tuple[dict[str, Any], str]:
 @kube_options
 @click.option("--dry-run", is_flag=True, help="Validate and print the manifests; install nothing.")
 @click.option("--wait", "wait_done", is_flag=True, help="After installing, follow the launcher's log to the end.")
-def submit(spec: JobSpec, target: KubeTarget, dry_run: bool, wait_done: bool) -> None:
+@click.option("--gpu-memory-gib", type=click.FloatRange(min=1), envvar="PIPELORA_GPU_MEMORY_GIB", default=None,
+              help="Memory of one GPU: refuse a job whose pipeline stages would not fit (as `plan` predicts).")
+def submit(spec: JobSpec, target: KubeTarget, dry_run: bool, wait_done: bool, gpu_memory_gib: float | None) -> None:
     """Validate a job and install it as a Helm release (dataprep Job + MPIJob).
 
     \b
@@ -62,6 +64,10 @@ def submit(spec: JobSpec, target: KubeTarget, dry_run: bool, wait_done: bool) ->
       pipelora-k8s submit --config job.yaml --dry-run > release.yaml
     """
     target = KubeTarget(context=target.context, namespace=target.namespace or spec.cluster.namespace)
+    if gpu_memory_gib is not None:  # before anything is installed: the stages must fit the GPUs
+        from pipelora.workflow.cli import check_fits
+
+        check_fits(spec, gpu_memory_gib)
     values, text = _render(spec, target.namespace)
     if dry_run:
         click.echo(text, nl=False)
