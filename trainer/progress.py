@@ -71,8 +71,10 @@ def step_line(*, stage: int, stages: int, dp: int, dps: int, step: int, max_step
 def matmul_flops(device: torch.device, dtype: torch.dtype, *, seconds: float = 0.2) -> float:
     """The device's dense matmul rate in `dtype`, FLOP/s, from square matmuls for about `seconds`."""
     size = 8192 if device.type == "cuda" else (256 if dtype != torch.float32 else 1024)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A private generator: the run's RNG stream (dropout masks, restored exactly on resume) is untouched.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
 
     def sync() -> None:
         if device.type == "cuda":

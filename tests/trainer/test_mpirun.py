@@ -186,6 +186,7 @@ def test_resume_after_kill_minus_9_continues_exactly(s3_world, uninterrupted) ->
     proc = subprocess.Popen(s3_world.train_cmd(2, config), env=s3_world.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     killed = None
+    ranks: list[psutil.Process] = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if re.match(r"^\[stage \d/2 dp 0/1\] step 3/6 ", line):
@@ -195,6 +196,8 @@ def test_resume_after_kill_minus_9_continues_exactly(s3_world, uninterrupted) ->
                 killed.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=300)
+        # mpirun ends the other rank too; a rank still exiting would hold the run's lease, rightly.
+        psutil.wait_procs(ranks, timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
