@@ -139,7 +139,7 @@ class Trainer:
                 if self.tensorboard:
                     self.tensorboard.step(step, loss=loss, lr=lr, grad_norm=optimizer.last_grad_norm,
                                           tokens_per_s_per_device=rates.get("tokens_per_s_device") or tps / p.world_size,
-                                          step_time_s=elapsed)
+                                          step_time_s=elapsed, mfu=rates.get("mfu"))
                 if self.evaluation.due(step):
                     eval_loss = self.evaluation.run()
                     if self.rank == 0:

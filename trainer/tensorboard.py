@@ -23,7 +23,7 @@ FLUSH_EVERY_S = 30.0
 
 
 class TensorBoardLog:
-    """Scalars of the run (loss, eval loss, lr, grad norm, tokens/s per device, step time)."""
+    """Scalars of the run (loss, eval loss, lr, grad norm, tokens/s per device, MFU, step time)."""
 
     def __init__(self, storage: Storage, uri: str, *, flush_every_s: float = FLUSH_EVERY_S) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -40,8 +40,10 @@ class TensorBoardLog:
         self._thread.start()
 
     def step(self, step: int, *, loss: float, lr: float, grad_norm: float, tokens_per_s_per_device: float,
-             step_time_s: float) -> None:
+             step_time_s: float, mfu: float | None = None) -> None:
         with self._lock:
+            if mfu is not None:
+                self.writer.add_scalar("train/mfu", mfu, step)
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/grad_norm", grad_norm, step)

@@ -232,6 +232,10 @@ def format_status(status: dict[str, Any], *, now: float | None = None) -> str:
         for key in ("loss", "eval_loss"):
             if isinstance(progress.get(key), (int, float)):
                 words.append(f"{key} {progress[key]:.4f}")
+        if isinstance(progress.get("tokens_per_s_device"), (int, float)):
+            words.append(f"tok/s/dev {progress['tokens_per_s_device']:.0f}")
+        if isinstance(progress.get("mfu"), (int, float)):
+            words.append(f"mfu {100 * progress['mfu']:.1f}%")
         words.append(f"eta {format_eta(progress.get('eta_s'))} (updated {int(age)}s ago)")
         lines.append(" ".join(words))
     if status.get("tensorboard"):

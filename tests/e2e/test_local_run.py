@@ -170,4 +170,5 @@ def test_rank_zero_keeps_tensorboard_events_in_the_run_folder(local_run: tuple[P
     assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(losses, progress["losses"], strict=True))
     assert [e.step for e in acc.Scalars("eval/loss")] == [s for s, _ in progress["eval_losses"]]
     tags = set(acc.Tags()["scalars"])
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_s_per_device", "train/step_time_s"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s_per_device", "train/mfu", "train/step_time_s"} <= tags
+    assert all(0 < e.value < 1 for e in acc.Scalars("train/mfu"))

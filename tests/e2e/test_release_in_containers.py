@@ -10,9 +10,6 @@ server the pods reach at the rendered `storage.endpoint_url`. The tiny model tra
 Each scenario is one release, run once per module and checked by the tests below it:
 - a release runs to completion (S3 credentials from a Secret, as `cluster.s3_secret` renders);
 - the same with credentials only in the pods' environment, as EKS IRSA sets them;
-- a worker preempted mid-run (deleted gracefully: SIGTERM, then the grace period): every rank commits
-  one checkpoint at the next step boundary, the attempt fails, the next resumes, and the final
-  adapter equals the uninterrupted release's byte for byte;
 - a worker killed outright mid-run: the launcher's next attempt resumes from the last commit;
 - dataprep fails on a dataset that does not exist: no worker ever starts, and `status` says why.
 """
@@ -280,56 +277,6 @@ def test_ranks_use_s3_credentials_from_the_worker_pods_environment(irsa: Release
         assert ip is not None and pod_s3.requests_from(ip) >= 1, f"no AssumeRoleWithWebIdentity from worker {index} ({ip})"
         steps = {int(m.group(2)) for m in STEP_LINE.finditer(worker.log("worker"))}
         assert steps == set(range(1, 7))
-
-
-# -- a worker preempted ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def preempted(launch: Callable[..., Release], completed: Release) -> Release:
-    """The completed release's job under another name; worker 1 is deleted (SIGTERM) once it trained a step."""
-    notes: dict[str, Any] = {}
-    name = "pods-preempted"
-
-    def on_step(cluster: Cluster) -> None:
-        if "deleted" in notes:
-            return
-        worker = cluster.pods.get(f"{name}-worker-1")
-        if worker is None or worker.main[0].state != "running":
-            return
-        if STEP_LINE.search(worker.log("worker")):
-            notes["attempt"] = cluster.pods_of(f"{name}-launcher")[-1].name
-            notes["deleted"] = True
-            cluster.delete_pod(f"{name}-worker-1")  # as an eviction or a spot preemption does
-
-    release = launch(name, secrets=S3_SECRET, on_step=on_step)
-    release.notes = notes
-    return release
-
-
-def test_preempted_worker_checkpoints_every_rank_and_the_next_attempt_ends_identical(
-        preempted: Release, completed: Release) -> None:
-    notes = preempted.notes
-    assert notes.get("deleted"), "worker 1 was never deleted: " + preempted.explain()
-    assert preempted.outcome.mpijob_phase == "Succeeded", preempted.explain()
-    first = preempted.cluster.pod(notes["attempt"])
-    assert first.phase == "Failed", preempted.explain()
-    # the deleted worker's entrypoint forwarded SIGTERM to its rank, which committed and said so
-    gone = preempted.cluster.pods_named(f"{preempted.name}-worker-1")[0]
-    log = gone.log("worker")
-    assert "SIGTERM: forwarding to 1 rank(s) on this pod" in log, log[-3000:]
-    stopped = re.findall(r"\[stage 2/2 dp 0/1\] preempted at step (\d+), checkpoint committed \(([\d.]+)s after "
-                         r"SIGTERM on this rank\)", log)
-    assert stopped, log[-3000:]
-    step = int(stopped[0][0])
-    assert 1 <= step < 6  # mid-run, not at the end
-    launcher = first.log("launcher")
-    assert f"[stage 1/2 dp 0/1] preempted at step {step}, checkpoint committed (signalled on another rank)" in launcher
-    final = preempted.launcher_attempts()[-1]
-    assert f"(step {step})" in final.log("launcher") and "resumed from" in final.log("launcher")
-    ours = preempted.s3.get_object(Bucket=preempted.bucket,
-                                   Key=f"runs/{preempted.name}/adapter/adapter_model.safetensors")["Body"].read()
-    reference = completed.s3.get_object(Bucket=completed.bucket,
-                                        Key=f"runs/{completed.name}/adapter/adapter_model.safetensors")["Body"].read()
-    assert ours == reference  # byte for byte: at most the step in flight was lost, and it was redone exactly
 
 
 # -- a worker killed outright --------------------------------------------------------------------

@@ -141,6 +141,7 @@ def test_status_reports_conditions_pods_and_progress(api: Path, capsys: pytest.C
     progress_file = Path(spec_from_dict(demo_spec(api)).layout.progress)
     progress_file.parent.mkdir(parents=True)
     progress = {"step": 40, "max_steps": 100, "loss": 1.25, "eval_loss": 1.5, "lr": 1e-4, "tokens_per_s": 900,
+                "tokens_per_s_device": 225.0, "mfu": 0.4123,
                 "eta_s": 3725, "updated_at": time.time(), "state": "running", "losses": [[1, 2.0], [40, 1.25]],
                 "eval_losses": [[20, 1.7], [40, 1.5]]}
     progress_file.write_text(json.dumps(progress))
@@ -150,7 +151,7 @@ def test_status_reports_conditions_pods_and_progress(api: Path, capsys: pytest.C
     assert "dataprep Job  Succeeded" in out
     assert "MPIJob        Running (MPIJobRunning: MPIJob ml/demo is running)" in out
     assert "demo-worker-1" in out and "CrashLoopBackOff" in out and "restarts 2" in out
-    assert "progress: running step 40/100 loss 1.2500 eval_loss 1.5000 eta 1:02:05" in out
+    assert "progress: running step 40/100 loss 1.2500 eval_loss 1.5000 tok/s/dev 225 mfu 41.2% eta 1:02:05" in out
     tensorboard = spec_from_dict(demo_spec(api)).layout.tensorboard
     assert f"tensorboard: tensorboard --logdir {tensorboard}" in out
 
