@@ -16,18 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelora.dataprep.errors import DataprepError
+from pipelora.hub import TOKENIZER_FILES  # the files a tokenizer is made of (one list)
 from pipelora.storage import Storage, is_s3, join_uri, local_path
-
-# Files Hugging Face tokenizers are made of; everything else in a model folder is left alone.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 # Mistral's [INST] format; a system message is put before the first user turn (Mistral v0.1
 # itself has no system role, and Alpaca-style datasets often carry one).

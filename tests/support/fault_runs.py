@@ -7,15 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from mpi import mpirun_prefix
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "pipelora-k8s")
@@ -30,14 +29,6 @@ DELAY_S = 3.0
 FAULT_ENV = {"PIPELORA_S3_MAX_ATTEMPTS": "5", "PIPELORA_S3_READ_TIMEOUT": str(READ_TIMEOUT_S),
              "PIPELORA_S3_CONNECT_TIMEOUT": "5"}
 
-
-def mpirun_prefix(np_: int) -> list[str]:
-    if shutil.which("mpirun") is None:
-        pytest.fail("mpirun (Open MPI) is not installed; `make setup` installs openmpi-bin")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(np_)]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    return cmd
 
 
 def free_port() -> int:

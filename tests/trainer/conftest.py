@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from mpi import mpirun_prefix
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "pipelora-k8s")
@@ -27,14 +27,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-def mpirun_prefix(np_: int) -> list[str]:
-    if shutil.which("mpirun") is None:
-        pytest.fail("mpirun (Open MPI) is not installed; `make setup` installs openmpi-bin")
-    cmd = ["mpirun", "--oversubscribe", "-np", str(np_)]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    return cmd
 
 
 @dataclass
