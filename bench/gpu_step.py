@@ -1,12 +1,19 @@
-"""One-stage LoRA training step of the 7B shape on one CUDA GPU, in bf16 at seq_len 2048.
+"""One-stage LoRA training step of the 7B shape on one CUDA GPU, in bf16 on packed rows; dense
+masks against flex attention.
 
 Self-contained: the Mistral-7B-shaped model is built on the GPU with random weights through the
 trainer's own layer classes (embedding, decoder layers with LoRA, norm + head), so no 14 GB
-checkpoint is needed. Reports tokens/s and model FLOPs utilisation against the card's measured
-bf16 matmul rate (not the datasheet peak). One JSON line per figure; --write adds a section to
+checkpoint is needed. Rows are packed as dataprep packs them (several sequences per row, positions
+restarting at each), so the attention mask is the trainer's. Each attention kernel
+(`pipelora.trainer.attention`: the dense block-diagonal mask, flex attention's block mask) is
+timed on the same model and rows; reported per kernel: tokens/s, step time, peak memory and MFU
+with the trainer's FLOPs count (`pipelora.trainer.memory.model_flops_per_token`, recomputation
+excluded, as torchtitan counts it) against the card's measured bf16 matmul rate (or
+PIPELORA_GPU_TFLOPS), then flex/dense. One JSON line per figure; --write adds a section to
 docs/benchmarks.md.
 
-    python bench/gpu_step.py --family mistral --seq-len 2048 --steps 6 --write
+    python bench/gpu_step.py --family mistral --seq-len 4096 --steps 6 --write
+    python bench/gpu_step.py --device cpu --preset tiny --attention dense --steps 2   # checks the script
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -48,37 +54,57 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(device: torch.device, *, size: int = 8192, iters: int = 50) -> float:
-    """The bf16 matmul rate this card sustains (the MFU denominator)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * size**3 * iters / (time.perf_counter() - start) / 1e12
+def packed_positions(batch: int, seq_len: int, *, mean_length: int, seed: int) -> torch.Tensor:
+    """position_ids of rows packed like dataprep's: sequence lengths drawn around `mean_length`,
+    each row filled to `seq_len`, positions restarting at 0 for each sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths: list[int] = []
+        while sum(lengths) < seq_len:
+            n = int(torch.randint(mean_length // 4, mean_length * 7 // 4 + 1, (1,), generator=gen))
+            lengths.append(min(n, seq_len - sum(lengths)))
+        rows.append(torch.cat([torch.arange(n) for n in lengths]))
+    return torch.stack(rows)
 
 
-def flops_per_token(config: Any, *, seq_len: int, linear_params: int) -> dict[str, float]:
-    """Per-token FLOPs: a LoRA step needs forward + input gradients (4N), no weight gradients for
-    the frozen base; the usual full-training convention (6N) is reported alongside."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attn = 2 * 2 * config.num_attention_heads * head_dim * seq_len / 2 * config.num_hidden_layers  # causal
-    return {"lora": 4 * linear_params + 2 * attn, "full_convention": 6 * linear_params + 3 * attn}
+def time_steps(model: torch.nn.Module, params: list[torch.nn.Parameter], ids: torch.Tensor, pos: torch.Tensor, *,
+               steps: int, micro_batches: int, device: torch.device, label: str) -> float:
+    """Median step time after the first (compilation, allocation) of `steps` optimizer steps."""
+    from pipelora.trainer.layers import causal_lm_loss
+
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for step in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(micro_batches):
+            loss = causal_lm_loss(model(ids, pos), ids) / micro_batches
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        print(f"{label}: step {step + 1}/{steps} {times[-1]:.3f}s", file=sys.stderr, flush=True)
+    rest = sorted(times[1:]) or times
+    return rest[len(rest) // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="mistral", choices=["mistral", "llama"])
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--family", default="mistral", choices=["mistral", "llama", "llama3", "qwen2", "qwen3",
+                                                                 "gemma2", "gemma3"])
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--mean-sequence", type=int, default=350,
+                        help="mean tokens per packed sequence (Alpaca's examples average about 300)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--attention", default="both", choices=["both", "dense", "flex"],
+                        help="the kernels to time (flex has no backward on CPU)")
     parser.add_argument("--preset", default="7b", choices=["tiny", "small", "7b"],
                         help="7b is the benchmark; tiny checks the script itself (with --device cpu)")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a dry run)")
@@ -87,65 +113,64 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            sys.exit("bench/gpu_step.py needs a CUDA GPU (or --device cpu --preset tiny for a dry run)")
+            sys.exit("bench/gpu_step.py needs a CUDA GPU (or --device cpu --preset tiny --attention dense for a dry run)")
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
+    elif args.attention != "dense":
+        sys.exit("flex attention has no backward pass on CPU: use --attention dense with --device cpu")
 
+    from pipelora.trainer import attention
     from pipelora.trainer.init_model import parameter_shapes
-    from pipelora.trainer.layers import LocalModel, LoraSettings, build_layer, causal_lm_loss, lora_state
+    from pipelora.trainer.layers import LocalModel, LoraSettings, build_layer, lora_state
     from pipelora.trainer.lora import resolve_targets
+    from pipelora.trainer.memory import ModelShape, RunShape, model_flops_per_token
     from pipelora.trainer.presets import preset_config
+    from pipelora.trainer.progress import device_rate
 
-    peak = matmul_tflops(device) if device.type == "cuda" else matmul_tflops(device, size=512, iters=5)
-    config = preset_config(args.family, args.preset)
-    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16
+    rate, rate_source = device_rate(device, dtype)
+    config = preset_config(args.family, args.preset)  # type: ignore[arg-type]
+    os.environ[attention.ATTENTION_ENV] = "dense"
+    attention.use_kernel(config, device)
     shapes = dict(parameter_shapes(config))
     weights = RandomWeights(shapes, device=device, std=0.02)
     lora = LoraSettings(tuple(resolve_targets("all-linear")), args.lora_r, 2.0 * args.lora_r, 0.0, 0)
-    layers = [build_layer(i, config=config, reader=weights, dtype=torch.bfloat16, device=device, lora=lora,  # type: ignore[arg-type]
+    layers = [build_layer(i, config=config, reader=weights, dtype=dtype, device=device, lora=lora,  # type: ignore[arg-type]
                           activation_checkpointing=args.activation_checkpointing)
               for i in range(config.num_hidden_layers + 2)]
     model = LocalModel(layers).train()
     params = list(lora_state(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    linear_params = sum(v for k, s in shapes.items() if len(s) == 2 and "embed_tokens" not in k
-                        for v in [int(torch.Size(s).numel())])
-    if "lm_head.weight" not in shapes:
-        linear_params += int(torch.Size(shapes["model.embed_tokens.weight"]).numel())
     b, s = args.micro_batch_size, args.seq_len
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (b, s), generator=gen).to(device)
-    pos = torch.arange(s, device=device).repeat(b, 1)
-    times = []
-    for step in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.micro_batches):
-            loss = causal_lm_loss(model(ids, pos), ids) / args.micro_batches
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        print(f"step {step + 1}/{args.steps} {times[-1]:.3f}s", file=sys.stderr, flush=True)
-    steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else times[0]
+    pos = packed_positions(b, s, mean_length=args.mean_sequence, seed=1).to(device)
+    sequences = int((pos == 0).sum())
     tokens = b * s * args.micro_batches
-    tps = tokens / steady
-    flops = flops_per_token(config, seq_len=s, linear_params=linear_params)
-    # Activation checkpointing recomputes the forward once more (2N per token).
-    recompute = 2 * linear_params if args.activation_checkpointing else 0
-    figures = {
-        "bf16_matmul_tflops_measured": peak,
-        "tokens_per_s": tps,
-        "step_s": steady,
-        "mfu_lora_flops": tps * flops["lora"] / (peak * 1e12),
-        "hfu_with_recompute": tps * (flops["lora"] + recompute) / (peak * 1e12),
-        "mfu_6n_convention": tps * flops["full_convention"] / (peak * 1e12),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else 0.0,
-    }
-    meta = {"family": args.family, "seq_len": s, "micro_batch_size": b, "micro_batches": args.micro_batches,
-            "activation_checkpointing": args.activation_checkpointing, "preset": args.preset,
+    figures: dict[str, float] = {"matmul_tflops": rate / 1e12}
+    kernels = ["dense", "flex"] if args.attention == "both" else [args.attention]
+    for kernel in kernels:
+        os.environ[attention.ATTENTION_ENV] = kernel
+        attention.use_kernel(config, device)
+        run = RunShape(seq_len=s, micro_batch_size=b, micro_batches=args.micro_batches, dtype_bytes=2,
+                       lora_r=args.lora_r, activation_checkpointing=args.activation_checkpointing,
+                       device="cuda" if device.type == "cuda" else "cpu", dense_mask=kernel == "dense")
+        flops = model_flops_per_token(ModelShape.from_config(config), run)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s = time_steps(model, params, ids, pos, steps=args.steps, micro_batches=args.micro_batches,
+                            device=device, label=kernel)
+        tps = tokens / step_s
+        figures[f"{kernel}_tokens_per_s"] = tps
+        figures[f"{kernel}_step_s"] = step_s
+        figures[f"{kernel}_mfu_percent"] = 100 * tps * flops / rate
+        figures[f"{kernel}_peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) / 1024**3
+                                             if device.type == "cuda" else 0.0)
+        figures["model_gflop_per_token"] = flops / 1e9
+    if len(kernels) == 2:
+        figures["flex_over_dense_tokens_per_s"] = figures["flex_tokens_per_s"] / figures["dense_tokens_per_s"]
+    meta = {"family": args.family, "seq_len": s, "sequences_per_micro_batch": sequences, "micro_batch_size": b,
+            "micro_batches": args.micro_batches, "activation_checkpointing": args.activation_checkpointing,
+            "preset": args.preset, "rate": rate_source,
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
     for name, value in figures.items():
         print(json.dumps({"figure": name, "value": round(value, 4), **meta}))
@@ -155,7 +180,8 @@ def main() -> None:
         rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in figures.items())
         cmd = " ".join(["python bench/gpu_step.py", *sys.argv[1:]])
         text = text.rstrip("\n") + (f"\n\n## trainer (GPU step)\n\n`{cmd}` on {meta['gpu']}, {os.cpu_count()} CPU "
-                                    f"cores; {args.preset} {args.family} shape, bf16, LoRA r={args.lora_r} all-linear.\n\n"
+                                    f"cores; {args.preset} {args.family} shape, bf16, LoRA r={args.lora_r} all-linear, "
+                                    f"{sequences} packed sequences per micro-batch; MFU against {rate_source}.\n\n"
                                     "| figure | value |\n|---|---|\n" + rows + "\n")
         path.write_text(text)
 

@@ -22,6 +22,7 @@ __all__ = [
     # the per-stage model
     "weights",  # per-tensor ranged reads of a Hugging Face safetensors model
     "layers",  # embedding, decoder layers, norm + head as pipeline items
+    "attention",  # the attention kernel for packed rows (flex on CUDA, dense masks elsewhere)
     "lora",  # LoRA with PEFT's math and names
     "partition",  # cost-balanced cut of the items into stages
     "pipeline",  # DeepSpeed's pipeline module with that cut

@@ -31,6 +31,7 @@ from pipelora.trainer.errors import TrainerError
 __all__ = [
     "SUPPORTED",
     "attention_implementation",
+    "attention_implementation_of",
     "attention_mask",
     "call_decoder_layer",
     "check_versions",
@@ -180,6 +181,12 @@ def attention_implementation(config: Any) -> str:
     (Gemma 2), which sdpa cannot do and transformers' eager attention does."""
     capped = family_of(config).attention_softcap and getattr(config, "attn_logit_softcapping", None)
     return "eager" if capped else "sdpa"
+
+
+def attention_implementation_of(config: Any) -> str | None:
+    """The attention kernel layers of `config` are set to use."""
+    name: str | None = config._attn_implementation
+    return name
 
 
 def set_attention_implementation(config: Any, name: str) -> None:

@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pipelora.families import family_of, layer_type, layer_window
 from pipelora.rows import IGNORE_INDEX
-from pipelora.trainer.compat import attention_mask, call_decoder_layer, family_classes, rotary_embedding
+from pipelora.trainer.attention import layer_mask
+from pipelora.trainer.compat import call_decoder_layer, family_classes, rotary_embedding
 from pipelora.trainer.lora import PEFT_PREFIX, inject_lora
 from pipelora.trainer.weights import CheckpointReader
 
@@ -32,22 +33,6 @@ class LoraSettings:
     alpha: float
     dropout: float
     seed: int
-
-
-def block_causal_mask(position_ids: torch.Tensor, *, sliding_window: int | None = None) -> torch.Tensor:
-    """Boolean [batch, 1, seq, seq] mask: causal, and confined to each packed sequence.
-
-    A new sequence starts wherever position_ids == 0 (the shard contract), so attention never
-    crosses from one packed example into another.
-    """
-    segments = torch.cumsum((position_ids == 0).to(torch.int32), dim=1)
-    same = segments[:, :, None] == segments[:, None, :]
-    seq = position_ids.shape[1]
-    idx = torch.arange(seq, device=position_ids.device)
-    allowed = idx[:, None] >= idx[None, :]
-    if sliding_window is not None and sliding_window < seq:
-        allowed = allowed & ((idx[:, None] - idx[None, :]) < sliding_window)
-    return (same & allowed)[:, None, :, :]
 
 
 def _materialise(module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype,
@@ -95,7 +80,8 @@ class DecoderPipe(nn.Module):
 
     The mask is the intersection of causality, the packed sequence and the layer's own window
     (sliding layers of Mistral, Gemma and Qwen), so a window never reaches into the previous
-    sequence of a packed row either.
+    sequence of a packed row either; its form (dense or a flex BlockMask) is the kernel's
+    (`pipelora.trainer.attention`).
     """
 
     def __init__(self, config: Any, layer_idx: int, reader: CheckpointReader, dtype: torch.dtype,
@@ -117,8 +103,7 @@ class DecoderPipe(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def _run(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        allowed = block_causal_mask(position_ids, sliding_window=self.sliding_window)
-        mask = attention_mask(self.config, allowed, dtype=hidden.dtype)
+        mask = layer_mask(self.config, position_ids, sliding_window=self.sliding_window, dtype=hidden.dtype)
         cos_sin = rotary_embedding(self.rotary, hidden, position_ids, layer_type=self.rope_layer_type)
         return call_decoder_layer(self.layer, hidden, attention_mask=mask, position_ids=position_ids, rope=cos_sin)
 

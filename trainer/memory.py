@@ -24,11 +24,13 @@ dropout, all-linear or some targets):
     2 x (4h + 4)              two RMSNorms: the fp32 input and its rsqrt (Gemma: four norms; Qwen3 and
                               Gemma 3 add q/k norms, 4(H + KV)(d + 1))
     2d w                      RoPE cos and sin (recomputed per layer from position_ids)
-    S w                       the dense mask, as SDPA's float bias (b S^2 w per micro-batch)
+    S w                       the dense mask, as SDPA's float bias (b S^2 w per micro-batch); none
+                              with flex attention on CUDA (`pipelora.trainer.attention`)
     4 H d w + 4H              q, k and v (GQA heads repeated), attention output, log-sum-exp
-                              (k and v at their own KV heads when they are 1 or H: no copy); eager
-                              attention (Gemma 2's capped logits) keeps q, k, v and the scores,
-                              H S (w + 4), and H S w more for their cast back when w is not 4
+                              (k and v at their own KV heads when they are 1 or H, or under flex:
+                              no copy); eager attention (Gemma 2's capped logits on CPU) keeps q, k,
+                              v and the scores, H S (w + 4), and H S w more for their cast back
+                              when w is not 4; flex applies the cap as a score modification
     3 I w                     gate, activation(gate), up
     LoRA inputs               without dropout in fp32: one shared input per group a target reads
                               (q/k/v 4h, gate/up 4h, down 4I; o reads SDPA's own output); in bf16
@@ -182,7 +184,7 @@ class RunShape:
     lora_dropout: bool = False
     activation_checkpointing: bool = False
     device: Device = "cuda"
-    dense_mask: bool = True  # packed rows attend through a dense block-diagonal mask (DecoderPipe)
+    dense_mask: bool = True  # dense block-diagonal masks (CPU); False: flex attention's block mask (CUDA)
 
     @classmethod
     def from_spec(cls, spec: Any, *, device: Device = "cuda") -> RunShape:
@@ -193,7 +195,7 @@ class RunShape:
                    stages=p.stages, nodes=p.nodes, gpus_per_node=p.gpus_per_node, dtype_bytes=DTYPE_BYTES[dtype],
                    lora_r=spec.lora.r, lora_targets=targets if isinstance(targets, str) else tuple(targets),
                    lora_dropout=spec.lora.dropout > 0, activation_checkpointing=t.activation_checkpointing,
-                   device=device)
+                   device=device, dense_mask=device != "cuda")
 
     @property
     def world_size(self) -> int:
@@ -235,17 +237,18 @@ def _layer_act_per_token(model: ModelShape, run: RunShape) -> float:
     w, seq = run.dtype_bytes, run.seq_len
     lin = model.linears()
     targets = set(model.targets(run.lora_targets))
-    # k and v reach attention repeated to every query head (a copy), except where no copy is needed:
-    # as many KV heads as query heads, or a single KV head (the repeat is then a view).
-    kv = model.kv_heads if model.kv_heads in (1, heads) else heads
-    # q, k, v, and (SDPA keeps it) the attention output
-    attention = (heads + 2 * kv + (0 if model.eager_attention else heads)) * d * w
+    eager = model.eager_attention and run.dense_mask  # flex caps the logits itself (a score modification)
+    # k and v reach SDPA repeated to every query head (a copy), except where no copy is needed: as many
+    # KV heads as query heads, or a single KV head (the repeat is then a view); flex takes them as they are.
+    kv = model.kv_heads if model.kv_heads in (1, heads) or not run.dense_mask else heads
+    # q, k, v, and (SDPA and flex keep it) the attention output
+    attention = (heads + 2 * kv + (0 if eager else heads)) * d * w
     total = model.norms * (4 * h + 4) + 2 * d * w + attention + 3 * inter * w
     if model.qk_norm:  # fp32 copies of q and k, and their rsqrt, per head
         total += 4 * (heads + model.kv_heads) * d + 4 * (heads + model.kv_heads)
-    if model.eager_attention:  # the scores: capped (tanh), fp32 softmax, cast back to the run dtype
+    if eager:  # the scores: capped (tanh), fp32 softmax, cast back to the run dtype
         total += heads * seq * (w + 4 + (w if w != 4 else 0))
-    else:  # SDPA: log-sum-exp, and the dense mask as its float bias
+    else:  # SDPA or flex: log-sum-exp, and (SDPA) the dense mask as its float bias
         total += 4 * heads + (seq * w if run.dense_mask else 0)
     drop_mask = 4 if run.device == "cpu" else 1
     for group, names in _GROUPS:
@@ -257,7 +260,7 @@ def _layer_act_per_token(model: ModelShape, run: RunShape) -> float:
             total += len(hit) * width * (4 + drop_mask)
         elif w != 4:
             total += len(hit) * width * 4
-        elif group != "o" or model.eager_attention:  # fp32: one shared input (SDPA keeps its output anyway)
+        elif group != "o" or eager:  # fp32: one shared input (SDPA keeps its output anyway)
             total += width * 4
     total += len(targets) * run.lora_r * 4
     return total

@@ -15,6 +15,7 @@ import torch
 from pipelora.config import JobSpec
 from pipelora.hub import model_storage_uri
 from pipelora.storage import storage_for
+from pipelora.trainer.attention import use_kernel
 from pipelora.trainer.errors import TrainerError
 from pipelora.trainer.lora import resolve_targets
 from pipelora.trainer.partition import Partition, balanced_partition
@@ -94,6 +95,7 @@ def plan(spec: JobSpec, info: RankInfo | None = None) -> Plan:
         device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
+    use_kernel(config, device)  # flex attention on packed rows on CUDA, dense masks elsewhere
     stage, dp_rank = p.stage_of_rank(info.rank)
     return Plan(spec, info, config, partition, targets, stage, dp_rank, device, _dtype(spec.training.dtype, device),
                 manifest, reader)

@@ -15,6 +15,7 @@ import torch
 
 from pipelora.config import JobSpec
 from pipelora.trainer import compat
+from pipelora.trainer.attention import kernel_of
 from pipelora.trainer.layers import LoraSettings, lora_state
 from pipelora.trainer.optim import ClippedAdamW
 from pipelora.trainer.plan import Plan
@@ -91,5 +92,5 @@ def build_stage(plan_: Plan) -> StageModel:
                                            config=ds_config(spec))
     emit(f"{plan_.tag} rank {rank}: {plan_.partition.describe(plan_.stage)}; "
          f"{sum(p.numel() for p in params)} LoRA parameters; read {reader.bytes_read / 1024**2:.1f} MiB of "
-         f"weights from {spec.model.uri}; base mem {base_mem:.2f}GiB")
+         f"weights from {spec.model.uri}; attention {kernel_of(plan_.config)}; base mem {base_mem:.2f}GiB")
     return StageModel(lora=params_by_name, optimizer=optimizer, scheduler=scheduler, engine=engine)

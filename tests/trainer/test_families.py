@@ -24,11 +24,11 @@ from pipelora.config import ConfigError, check_against_model, spec_from_dict
 from pipelora.rows import IGNORE_INDEX
 from pipelora.storage import LocalStorage, open_storage
 from pipelora.trainer.adapter import adapter_config, write_adapter
+from pipelora.trainer.attention import block_causal_mask
 from pipelora.trainer.errors import TrainerError
 from pipelora.trainer.layers import (
     LocalModel,
     LoraSettings,
-    block_causal_mask,
     build_layer,
     causal_lm_loss,
     lora_state,
@@ -386,3 +386,44 @@ def test_gemma2_trains_under_mpirun_on_two_stages_as_on_one(s3_world, tmp_path: 
         peft_logits = PeftModel.from_pretrained(base, str(local)).eval()(input_ids=ids).logits
         our_logits = ours(ids, torch.arange(40).repeat(2, 1))
     assert relative_error(our_logits, peft_logits) <= TOLERANCE
+
+
+def several_sequences_per_row() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of 64 tokens: four sequences (one shorter than every window, some longer), and one
+    sequence with a short padding segment, as dataprep packs them."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 32000, (2, 64), generator=gen)
+    rows = [(20, 9, 23, 12), (57, 7)]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
+    return ids, pos
+
+
+def test_flex_attention_on_packed_rows_equals_the_dense_path(family_model, monkeypatch) -> None:
+    """The CUDA kernel's mask and score modification, run here through flex_attention's eager
+    reference (forward only: flex_attention has no backward on CPU); the gradients are compared
+    where CUDA runs it (tests/trainer/test_attention.py)."""
+    from pipelora.trainer import attention
+
+    case, folder = family_model
+    model = two_stage_model(folder).eval()
+    nonzero_lora(model)
+    config = model.items[1].config
+    ids, pos = several_sequences_per_row()
+    calls: list[torch.device] = []
+    kernel = attention._flex_kernel
+
+    def counted(device: torch.device) -> Any:
+        calls.append(device)
+        return kernel(device)
+
+    monkeypatch.setattr(attention, "_flex_kernel", counted)
+    with torch.no_grad():
+        assert attention.kernel_of(config) == attention.DENSE
+        dense = model(ids, pos)
+        assert calls == []
+        monkeypatch.setenv(attention.ATTENTION_ENV, "flex")
+        assert attention.use_kernel(config, torch.device("cpu")) == attention.FLEX
+        flex = model(ids, pos)
+    assert len(calls) == config.num_hidden_layers  # every layer attended through flex_attention
+    err = relative_error(flex, dense)
+    assert err <= TOLERANCE, (case, err)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pipelora.storage import open_storage
+from pipelora.trainer.attention import block_causal_mask
 from pipelora.trainer.errors import TrainerError
 from pipelora.trainer.init_model import write_random_model
-from pipelora.trainer.layers import LoraSettings, block_causal_mask, build_layer
+from pipelora.trainer.layers import LoraSettings, build_layer
 from pipelora.trainer.local import build_local_model
 from pipelora.trainer.lora import resolve_targets
 from pipelora.trainer.partition import balanced_partition

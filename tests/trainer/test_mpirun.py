@@ -80,6 +80,7 @@ def test_two_stage_run_logs_checkpoints_and_progress(one_and_two_stages, s3_worl
         losses = {loss for _, _, s, loss in lines if s == step}
         assert len(losses) == 1  # both stages report the same loss
     assert "norm+head" in stdout and "stage  items" in stdout  # the partition table
+    assert len(re.findall(r"rank \d: .*; attention dense; base mem", stdout)) == 2  # CPU keeps the dense masks
     progress = one_and_two_stages["two-stage"]["progress"]
     assert progress["state"] == "finished" and progress["step"] == progress["max_steps"] == 6
     assert [s for s, _ in progress["eval_losses"]] == [3, 6]
