@@ -19,6 +19,7 @@ __all__ = [
     "evaluation",  # the eval loss and when to take it
     "grad_dump",  # PIPELORA_GRAD_DUMP: first-step LoRA gradients, for debugging
     "progress",  # log lines and the run's progress file
+    "memory_report",  # a stage's measured training memory against the plan's prediction
     # the per-stage model
     "weights",  # per-tensor ranged reads of a Hugging Face safetensors model
     "layers",  # embedding, decoder layers, norm + head as pipeline items

@@ -29,6 +29,7 @@ from pipelora.trainer.checkpointing import Checkpointing, portable_error
 from pipelora.trainer.data import MicroBatchStream
 from pipelora.trainer.errors import Preempted
 from pipelora.trainer.evaluation import Evaluation
+from pipelora.trainer.memory_report import StageMemory
 from pipelora.trainer.plan import Plan, plan
 from pipelora.trainer.progress import Progress, emit, peak_memory_gib, step_line, utilisation
 from pipelora.trainer.rank_output import RankOutput
@@ -110,6 +111,7 @@ class Trainer:
         stall = CheckpointStall()
         boundary = boundary or step_boundary(self.plan)
         boundary.install()
+        memory = StageMemory(self.plan)
         try:
             for step in range(self.start_step + 1, t.max_steps + 1):
                 began = time.perf_counter()
@@ -170,6 +172,7 @@ class Trainer:
                 emit(f"step agreement {boundary.allreduce_s:.3f}s of {sum(step_times):.3f}s training")
             if step_times:
                 emit(f"{self.plan.tag} {stall.line(sum(step_times))}")
+                emit(memory.line())
             self.checkpoints.export_adapter()
             if progress:
                 progress.write(force=True, state="finished")

@@ -50,7 +50,8 @@ class CheckpointReader:
     def __init__(self, storage: Storage, model_uri: str) -> None:
         self.storage = storage
         self.model_uri = model_uri
-        self.bytes_read = 0
+        self.bytes_read = 0  # everything that came over: headers, tensors, gaps a merged read spans
+        self.tensor_bytes = 0  # the bytes of the tensors asked for (what `plan` predicts per stage)
         self._lock = threading.Lock()
         self._weight_map = self._read_weight_map()
         self._headers: dict[str, dict[str, TensorEntry]] = {}
@@ -138,6 +139,8 @@ class CheckpointReader:
     def _read_group(self, file: str, group: list[TensorEntry]) -> dict[str, torch.Tensor]:
         first, last = group[0], group[-1]
         blob = bytearray(self._read(join_uri(self.model_uri, file), first.start, last.end - first.start))
+        with self._lock:
+            self.tensor_bytes += sum(e.end - e.start for e in group)
         out = {}
         for e in group:
             name = e.name

@@ -81,6 +81,11 @@ def test_two_stage_run_logs_checkpoints_and_progress(one_and_two_stages, s3_worl
         assert len(losses) == 1  # both stages report the same loss
     assert "norm+head" in stdout and "stage  items" in stdout  # the partition table
     assert len(re.findall(r"rank \d: .*; attention dense; base mem", stdout)) == 2  # CPU keeps the dense masks
+    memory = {int(s): (float(peak), float(grew), float(pred), int(k)) for s, peak, grew, pred, k in re.findall(
+        r"^\[stage (\d)/2 dp 0/1\] memory: peak ([\d.]+)GiB, ([\d.]+)GiB above the built stage; plan predicted "
+        r"([\d.]+)GiB for its activations \((\d) micro-batch", stdout, re.M)}
+    assert sorted(memory) == [1, 2] and memory[1][3] == 2 and memory[2][3] == 1  # 1F1B: stage 1 holds 2
+    assert all(peak > grew > 0 and pred > 0 for peak, grew, pred, _ in memory.values()), memory
     progress = one_and_two_stages["two-stage"]["progress"]
     assert progress["state"] == "finished" and progress["step"] == progress["max_steps"] == 6
     assert [s for s, _ in progress["eval_losses"]] == [3, 6]

@@ -321,3 +321,39 @@ def test_estimates_add_up_for_any_cut() -> None:
     assert sum(s.params for s in stages) == 11408
     assert sum(s.flops_per_token for s in stages) == sum(i.flops for i in item_costs(model, RUN))
     assert all(s.peak_bytes < GIB for s in stages)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])  # an untied head, and a head tied to the embedding
+@pytest.mark.parametrize("stages", [2, 4])
+def test_predicted_weight_bytes_per_stage_are_the_bytes_each_stage_reads(family: str, stages: int,
+                                                                         tmp_path: Path) -> None:
+    from pipelora.storage import open_storage
+    from pipelora.trainer.init_model import write_random_model
+    from pipelora.trainer.layers import LoraSettings, build_layer
+    from pipelora.trainer.lora import resolve_targets
+    from pipelora.trainer.partition import balanced_partition
+    from pipelora.trainer.weights import CheckpointReader, read_model_config
+
+    folder = tmp_path / family
+    write_random_model(folder, family=family, preset="tiny")
+    storage = open_storage(str(folder))
+    config = read_model_config(storage, str(folder))
+    partition = balanced_partition(config, stages=stages, seq_len=64)
+    run = RunShape(seq_len=64, stages=stages, dtype_bytes=4, device="cpu")
+    predicted = [s.weight_bytes for s in estimate_stages(ModelShape.from_config(config), run, partition.bounds)]
+    lora = LoraSettings(tuple(resolve_targets("all-linear")), 4, 8.0, 0.0, 0)
+    read = []
+    for stage in range(stages):
+        reader = CheckpointReader(storage, str(folder))
+        for item in partition.items(stage):
+            build_layer(item, config=config, reader=reader, dtype=torch.float32, device=torch.device("cpu"), lora=lora)
+        read.append(reader.tensor_bytes)
+    assert read == predicted
+    if family == "llama3":  # the tied head's stage reads the embedding too: more than the file holds
+        assert sum(read) == sum(f.stat().st_size for f in folder.glob("*.safetensors")) - _headers(folder) + (
+            config.vocab_size * config.hidden_size * 4)
+
+
+def _headers(folder: Path) -> int:
+    """Bytes of the safetensors headers (8-byte length + JSON) of a model folder."""
+    return sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in folder.glob("*.safetensors"))
