@@ -100,6 +100,22 @@ def wait_for_data(
         sleep(min(interval_s, max(timeout_s - waited, 0.1)))
 
 
+def worker_state(host: str, port: int, *, timeout_s: float = 2.0) -> tuple[str, str] | None:
+    """None once `host` accepts a connection on `port`; otherwise (where, why): the name with the
+    addresses it resolves to, and the error (a stale or missing DNS record reads differently from a
+    slow sshd)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"{host} (no address)", f"does not resolve ({exc.strerror or exc})"
+    where = f"{host} ({', '.join(sorted({str(info[4][0]) for info in infos}))})"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return where, f"port {port}: {exc.strerror or exc}"
+
+
 def wait_for_workers(
     hosts: list[str],
     *,
@@ -108,6 +124,7 @@ def wait_for_workers(
     interval_s: float = 1.0,
     echo: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
+    probe: Callable[[str, int], tuple[str, str] | None] = worker_state,
 ) -> None:
     """Block until every worker's name resolves and its sshd accepts a connection.
 
@@ -115,25 +132,28 @@ def wait_for_workers(
     workers are "all Ready"), and on resume starts it together with the workers, so
     `launcherCreationPolicy: WaitForWorkersReady` holds nothing back: mpirun would find names that
     do not resolve yet and fail the attempt. The launcher therefore waits for its workers itself.
+    Its log is where a stuck attempt is diagnosed, so it says what it waits on (a name without an
+    address, or an address nobody answers on) each time a worker's address changes.
     """
     start = time.monotonic()
     pending = list(hosts)
+    said: dict[str, str] = {}
     echo(f"waiting for {len(hosts)} worker(s) to accept ssh on port {port}")
     while pending:
-        still = []
-        for host in pending:
-            try:
-                with socket.create_connection((host, port), timeout=2):
-                    pass
-            except OSError:
-                still.append(host)
-        pending = still
+        states = {host: probe(host, port) for host in pending}
+        waiting = {host: state for host, state in states.items() if state is not None}
+        pending = list(waiting)
         if not pending:
             break
+        for host, (where, why) in waiting.items():
+            if said.get(host) != where:
+                said[host] = where
+                echo(f"still waiting for {where}: {why}")
         waited = time.monotonic() - start
         if waited >= timeout_s:
+            reasons = "; ".join(f"{where}: {why}" for where, why in waiting.values())
             raise WorkersTimeout(f"worker(s) {', '.join(pending)} did not accept ssh on port {port} within "
-                                 f"{int(waited)}s; see `kubectl describe pod {pending[0].split('.')[0]}`")
+                                 f"{int(waited)}s ({reasons}); see `kubectl describe pod {pending[0].split('.')[0]}`")
         sleep(min(interval_s, max(timeout_s - waited, 0.1)))
     echo(f"workers ready: {', '.join(hosts)}")
 

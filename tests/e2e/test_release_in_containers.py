@@ -10,6 +10,9 @@ server the pods reach at the rendered `storage.endpoint_url`. The tiny model tra
 Each scenario is one release, run once per module and checked by the tests below it:
 - a release runs to completion (S3 credentials from a Secret, as `cluster.s3_secret` renders);
 - the same with credentials only in the pods' environment, as EKS IRSA sets them;
+- a worker preempted mid-run (deleted gracefully: SIGTERM, then the grace period): every rank commits
+  one checkpoint at the next step boundary, the attempt fails, the next resumes, and the final
+  adapter equals the uninterrupted release's byte for byte;
 - a worker killed outright mid-run: the launcher's next attempt resumes from the last commit;
 - dataprep fails on a dataset that does not exist: no worker ever starts, and `status` says why.
 """
@@ -43,6 +46,10 @@ BACKOFF_BASE_S = 2.0
 RUN_TIMEOUT_S = 600
 ROLE_ARN = "arn:aws:iam::123456789012:role/pipelora-e2e"
 STEPS_KILLED = 40  # enough steps after the first commit for the kill to land mid-run
+# The completed release and the preempted one (compared with it byte for byte): steps take a fraction
+# of a second here, so enough of them that the SIGTERM sent once worker 1 logs its first step lands
+# mid-run, at whatever speed this machine trains.
+STEPS_COMPLETE = 20
 STEP_LINE = re.compile(r"\[stage (\d)/2 dp 0/1\] step (\d+)/(\d+) loss ")
 
 
@@ -185,7 +192,7 @@ def launch(podman: Podman, pod_network: Network, trainer_image: str, pod_s3: Any
 # -- a release runs to completion ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def completed(launch: Callable[..., Release]) -> Release:
-    return launch("pods-complete", secrets=S3_SECRET)
+    return launch("pods-complete", max_steps=STEPS_COMPLETE, secrets=S3_SECRET)
 
 
 def test_release_completes_with_adapter_and_committed_checkpoint(completed: Release) -> None:
@@ -193,13 +200,14 @@ def test_release_completes_with_adapter_and_committed_checkpoint(completed: Rele
     assert completed.outcome.jobs[f"{completed.name}-dataprep"][0] == "Complete"
     assert completed.keys("adapter/") == [f"runs/{completed.name}/adapter/adapter_config.json",
                                           f"runs/{completed.name}/adapter/adapter_model.safetensors"]
-    assert completed.committed_steps()[-1] == 6
+    assert completed.committed_steps()[-1] == STEPS_COMPLETE
     marker = json.loads(completed.s3.get_object(
-        Bucket=completed.bucket, Key=f"runs/{completed.name}/checkpoints/step-00000006/COMMITTED")["Body"].read())
+        Bucket=completed.bucket,
+        Key=f"runs/{completed.name}/checkpoints/step-{STEPS_COMPLETE:08d}/COMMITTED")["Body"].read())
     assert marker, "the COMMITTED marker lists what it commits"
     progress = json.loads(completed.s3.get_object(Bucket=completed.bucket,
                                                   Key=f"runs/{completed.name}/progress.json")["Body"].read())
-    assert progress["state"] == "finished" and progress["step"] == 6
+    assert progress["state"] == "finished" and progress["step"] == STEPS_COMPLETE
 
 
 def test_gate_resumed_the_mpijob_through_the_api_with_the_release_role(completed: Release) -> None:
@@ -222,7 +230,7 @@ def test_each_worker_log_shows_the_steps_of_its_own_stage(completed: Release) ->
     for index in (0, 1):
         log = completed.worker(index).log("worker")
         steps = {(int(m.group(1)), int(m.group(2))) for m in STEP_LINE.finditer(log)}
-        assert steps == {(index + 1, step) for step in range(1, 7)}, log[-4000:]
+        assert steps == {(index + 1, step) for step in range(1, STEPS_COMPLETE + 1)}, log[-4000:]
 
 
 def test_launcher_log_shows_every_ranks_lines(completed: Release) -> None:
@@ -233,7 +241,7 @@ def test_launcher_log_shows_every_ranks_lines(completed: Release) -> None:
     for rank in (0, 1):
         tagged = [line for line in log.splitlines() if line.startswith(f"[1,{rank}]<stdout>:")]
         steps = {int(m.group(2)) for line in tagged if (m := STEP_LINE.search(line)) and m.group(1) == str(rank + 1)}
-        assert steps == set(range(1, 7)), log[-4000:]
+        assert steps == set(range(1, STEPS_COMPLETE + 1)), log[-4000:]
 
 
 def test_workers_were_cleaned_and_their_lines_stay_in_storage(completed: Release, tmp_path: Path) -> None:
@@ -247,7 +255,7 @@ def test_workers_were_cleaned_and_their_lines_stay_in_storage(completed: Release
     assert proc.returncode == 0, proc.stderr
     assert "from storage" in proc.stderr
     steps = {(int(m.group(1)), int(m.group(2))) for m in STEP_LINE.finditer(proc.stdout)}
-    assert steps == {(2, step) for step in range(1, 7)}, proc.stdout[-3000:]
+    assert steps == {(2, step) for step in range(1, STEPS_COMPLETE + 1)}, proc.stdout[-3000:]
 
 
 # -- credentials only in the pods' environment (IRSA) -------------------------------------------
@@ -277,6 +285,67 @@ def test_ranks_use_s3_credentials_from_the_worker_pods_environment(irsa: Release
         assert ip is not None and pod_s3.requests_from(ip) >= 1, f"no AssumeRoleWithWebIdentity from worker {index} ({ip})"
         steps = {int(m.group(2)) for m in STEP_LINE.finditer(worker.log("worker"))}
         assert steps == set(range(1, 7))
+
+
+# -- a worker preempted ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def preempted(launch: Callable[..., Release], completed: Release) -> Release:
+    """The completed release's job under another name; worker 1 is deleted (SIGTERM) once it trained a step."""
+    notes: dict[str, Any] = {}
+    name = "pods-preempted"
+
+    def on_step(cluster: Cluster) -> None:
+        if "deleted" in notes:
+            return
+        worker = cluster.pods.get(f"{name}-worker-1")
+        if worker is None or worker.main[0].state != "running":
+            return
+        if STEP_LINE.search(worker.log("worker")):
+            notes["attempt"] = cluster.pods_of(f"{name}-launcher")[-1].name
+            notes["deleted"] = True
+            cluster.delete_pod(f"{name}-worker-1")  # as an eviction or a spot preemption does
+
+    release = launch(name, max_steps=STEPS_COMPLETE, secrets=S3_SECRET, on_step=on_step)
+    release.notes = notes
+    return release
+
+
+def test_preempted_worker_checkpoints_every_rank_and_the_next_attempt_ends_identical(
+        preempted: Release, completed: Release) -> None:
+    notes = preempted.notes
+    assert notes.get("deleted"), "worker 1 was never deleted: " + preempted.explain()
+    assert preempted.outcome.mpijob_phase == "Succeeded", preempted.explain()
+    first = preempted.cluster.pod(notes["attempt"])
+    assert first.phase == "Failed", preempted.explain()
+    # the deleted worker's entrypoint forwarded SIGTERM to its rank, which committed and said so
+    gone = preempted.cluster.pods_named(f"{preempted.name}-worker-1")[0]
+    log = gone.log("worker")
+    assert "SIGTERM: forwarding to 1 rank(s) on this pod" in log, log[-3000:]
+    stopped = re.findall(r"\[stage 2/2 dp 0/1\] preempted at step (\d+), checkpoint committed \(([\d.]+)s after "
+                         r"SIGTERM on this rank\)", log)
+    assert stopped, log[-3000:]
+    step = int(stopped[0][0])
+    assert 1 <= step < STEPS_COMPLETE  # mid-run, not at the end
+    launcher = first.log("launcher")
+    assert f"[stage 1/2 dp 0/1] preempted at step {step}, checkpoint committed (signalled on another rank)" in launcher
+    final = preempted.launcher_attempts()[-1]
+    assert f"(step {step})" in final.log("launcher") and "resumed from" in final.log("launcher")
+    # the operator created worker 1 again (same name, a new pod); its DNS name followed the new address
+    again = preempted.cluster.pods_named(f"{preempted.name}-worker-1")
+    assert len(again) == 2 and again[1] is preempted.worker(1), preempted.explain()
+    records = re.findall(rf"DNS: {preempted.name}-worker-1\.\S+ -> (\S+) ", preempted.outcome.timeline())
+    assert len(records) >= 2 and records[-1] == preempted.cluster.pod_ip(again[1].name), records
+    # and the next attempt's init container let mpirun start only once that new pod was Ready
+    events = preempted.outcome.events
+    published = max(i for i, e in enumerate(events) if f"DNS: {preempted.name}-worker-1." in e and " -> " in e)
+    started = next(i for i, e in enumerate(events) if f"pod {final.name} running" in e)
+    assert published < started, preempted.outcome.timeline()
+    assert "workers ready: " in final.log("wait-for-data"), final.log("wait-for-data")
+    ours = preempted.s3.get_object(Bucket=preempted.bucket,
+                                   Key=f"runs/{preempted.name}/adapter/adapter_model.safetensors")["Body"].read()
+    reference = completed.s3.get_object(Bucket=completed.bucket,
+                                        Key=f"runs/{completed.name}/adapter/adapter_model.safetensors")["Body"].read()
+    assert ours == reference  # byte for byte: at most the step in flight was lost, and it was redone exactly
 
 
 # -- a worker killed outright --------------------------------------------------------------------

@@ -232,3 +232,32 @@ def test_the_cluster_launcher_command_waits_for_workers_and_the_local_one_does_n
     _, spec = write_spec(tmp_path, "http://127.0.0.1:9", "bucket")
     assert job_commands(spec).wait_for_data[-1] == "--workers"
     assert "--workers" not in job_commands(spec, local=True).wait_for_data
+
+
+def test_the_wait_for_workers_says_what_it_waits_on_each_time_an_address_changes() -> None:
+    """A stuck launcher must say why in its log: a name without an address, or an address (perhaps a
+    stale one, of a pod that was replaced) where nobody answers; said again only when it changes."""
+    from pipelora.workflow.waitdata import WorkersTimeout, wait_for_workers, worker_state
+
+    answers = iter([("w-1 (no address)", "does not resolve"), ("w-1 (10.0.0.9)", "port 2222: timed out"),
+                    ("w-1 (10.0.0.9)", "port 2222: No route to host"), ("w-1 (10.0.0.11)", "port 2222: refused"),
+                    None])
+    said: list[str] = []
+    wait_for_workers(["w-1"], port=2222, timeout_s=60, echo=said.append, sleep=lambda _: None,
+                     probe=lambda host, port: next(answers))
+    assert said == ["waiting for 1 worker(s) to accept ssh on port 2222",
+                    "still waiting for w-1 (no address): does not resolve",
+                    "still waiting for w-1 (10.0.0.9): port 2222: timed out",
+                    "still waiting for w-1 (10.0.0.11): port 2222: refused",
+                    "workers ready: w-1"]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, not listening: refused
+    port = listener.getsockname()[1]
+    try:
+        assert worker_state("127.0.0.1", port) == ("127.0.0.1 (127.0.0.1)", f"port {port}: Connection refused")
+        with pytest.raises(WorkersTimeout, match=rf"127.0.0.1 \(127.0.0.1\): port {port}: Connection refused"):
+            wait_for_workers(["127.0.0.1"], port=port, timeout_s=0.01, echo=said.append)
+    finally:
+        listener.close()
+    unknown = worker_state("no-such-worker.invalid", port)
+    assert unknown is not None and unknown[0] == "no-such-worker.invalid (no address)"

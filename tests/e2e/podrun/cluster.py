@@ -189,6 +189,8 @@ class Cluster:
         self.jobs: dict[str, JobState] = {}
         self.mpijobs: dict[str, MPIJobState] = {}
         self.published: dict[str, tuple[str, str]] = {}
+        # Pod addresses by pod uid, not name: a worker the operator creates again under the same name
+        # is a new pod with a new address, and its DNS record must follow it (a Service's endpoints do).
         self._ips: dict[str, str] = {}
         self.dns = DnsRecords(network.name)
         self.api: ApiServer | None = None
@@ -584,7 +586,8 @@ class Cluster:
         return None if runner is None else self._pod_ip(runner)
 
     def _pod_ip(self, runner: PodRunner) -> str | None:
-        if runner.name not in self._ips:
+        uid = str(runner.pod["metadata"]["uid"])
+        if uid not in self._ips:
             infra = self.podman("pod", "inspect", self.kubelet.podman_pod(runner.name), "--format",
                                 "{{.InfraContainerID}}", check=False).stdout.strip()
             if not infra:
@@ -594,8 +597,8 @@ class Cluster:
                              check=False).stdout.strip()
             if not ip:
                 return None
-            self._ips[runner.name] = ip
-        return self._ips[runner.name]
+            self._ips[uid] = ip
+        return self._ips[uid]
 
     # -- the loop ------------------------------------------------------------------------------
     def settled(self) -> bool:
@@ -640,8 +643,25 @@ class Cluster:
                 return self.outcome()
             if time.monotonic() > deadline:
                 raise ClusterError(f"the release did not settle within {timeout_s:.0f}s; events:\n"
-                                   + "\n".join(self.events[-60:]))
+                                   + "\n".join(self.events[-60:]) + "\nstill running:\n" + self.still_running())
             time.sleep(self.tick_s)
+
+    def still_running(self, lines: int = 4) -> str:
+        """Each live pod's running containers and their last log lines: what a stuck run waits on
+        (the events alone end at the last change, which says nothing about who is waiting for what)."""
+        parts = []
+        for runner in self.pods.values():
+            if runner.finished or runner.deleted:
+                continue
+            state = f"{runner.phase}{', ready' if runner.ready else ''}{', terminating' if runner.terminating else ''}"
+            parts.append(f"pod {runner.name} ({state}, ip {self.pod_ip(runner.name)}, "
+                         f"dns {self.published.get(runner.name, ('-', '-'))[0]})")
+            for status in [*runner.init, *runner.main]:
+                if status.state == "running":
+                    tail = runner.log(status.name).splitlines()[-lines:]
+                    parts.append(f"  {status.name}:" + "".join(f"\n  | {line}" for line in tail) if tail
+                                 else f"  {status.name}: (no output)")
+        return "\n".join(parts) or "(no pod)"
 
     def outcome(self) -> Outcome:
         phase, message = "Absent", ""
