@@ -38,6 +38,7 @@ __all__ = [
     "data_major_topology",
     "disable_shm_comm",
     "family_classes",
+    "release_last_stage_outputs",
     "installed_versions",
     "parse_version",
     "pipeline_module_cut_at",
@@ -164,6 +165,26 @@ def set_global_steps(engine: Any, step: int) -> None:
 
 
 # -- transformers ------------------------------------------------------------------------------------
+def release_last_stage_outputs(engine: Any) -> None:
+    """Drop the last stage's logits as soon as its backward is done.
+
+    DeepSpeed's pipeline engine keeps each micro-batch's outputs in a pipe buffer until the buffer
+    is reused; on the last stage those are the logits (seq x vocab per micro-batch), which nothing
+    reads after the loss's backward, so two stale copies sat in memory through every step.
+    """
+    if not engine.is_last_stage():
+        return
+    from deepspeed.runtime.pipe import schedule
+
+    backward = type(engine)._INSTRUCTION_MAP[schedule.BackwardPass]
+
+    def backward_then_release(self: Any, buffer_id: int) -> None:
+        backward(self, buffer_id)
+        self.pipe_buffers["outputs"][buffer_id] = None
+
+    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.BackwardPass: backward_then_release}
+
+
 def family_classes(config: Any) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     """(decoder layer, RMSNorm, rotary embedding) classes of the config's model family.
 

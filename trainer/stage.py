@@ -90,6 +90,7 @@ def build_stage(plan_: Plan) -> StageModel:
         optimizer, lambda s: lr_factor(s, warmup=t.warmup_steps, total=t.max_steps, kind=t.schedule))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(spec))
+    compat.release_last_stage_outputs(engine)
     emit(f"{plan_.tag} rank {rank}: {plan_.partition.describe(plan_.stage)}; "
          f"{sum(p.numel() for p in params)} LoRA parameters; read {reader.bytes_read / 1024**2:.1f} MiB of "
          f"weights from {spec.model.uri}; attention {kernel_of(plan_.config)}; base mem {base_mem:.2f}GiB")
