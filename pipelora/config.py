@@ -259,6 +259,11 @@ class ClusterSpec(_Section):
         default=None, description="Existing Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
     )
     hf_token_secret: str | None = Field(default=None, description="Existing Secret with HF_TOKEN.")
+    gpu_memory_gib: float | None = Field(
+        default=None, ge=1,
+        description="Memory of one GPU of the cluster (GiB): validate and submit refuse a job whose stages would "
+                    "not fit it (as `plan` predicts), and the trainer's partition fits it.",
+    )
     values: dict[str, Any] = Field(default_factory=dict, description="Extra Helm values, merged last.")
 
 

@@ -104,10 +104,13 @@ def memory_aware_partition(model: ModelShape, run: RunShape, *, budget_bytes: in
     return Partition(bounds, tuple(i.flops for i in items), model.layers, peaks=peaks, budget=budget_bytes, fits=fits)
 
 
-def device_budget(device: Device) -> int | None:
-    """The memory a stage must fit on this rank: `PIPELORA_GPU_MEMORY_GIB`, else the GPU's memory in
-    whole GiB (rounded down, so that ranks on GPUs of one model agree), else none (CPU)."""
+def device_budget(device: Device, spec_gib: float | None = None) -> int | None:
+    """The memory a stage must fit on this rank: `PIPELORA_GPU_MEMORY_GIB`, else (on a GPU) the spec's
+    `cluster.gpu_memory_gib`, else the GPU's memory in whole GiB (rounded down, so that ranks on GPUs
+    of one model agree), else none (CPU: a local run is not held to the cluster's GPUs)."""
     budget = env_gpu_memory_bytes()
+    if budget is None and spec_gib is not None and device == "cuda":
+        budget = int(spec_gib * GIB)
     if budget is not None or device != "cuda":
         return budget
     import torch
@@ -132,4 +135,4 @@ def balanced_partition(config: Any, *, stages: int, seq_len: int, spec: Any = No
 
     device: Device = "cuda" if torch.cuda.is_available() else "cpu"
     run = replace(RunShape.from_spec(spec, device=device), stages=stages, seq_len=seq_len)
-    return memory_aware_partition(model, run, budget_bytes=device_budget(device))
+    return memory_aware_partition(model, run, budget_bytes=device_budget(device, spec.cluster.gpu_memory_gib))

@@ -183,6 +183,8 @@ def plan(spec: JobSpec, gpu_memory_gib: float | None, gpu_tflops: float | None, 
     config = read_config(spec, model_config)
     model = ModelShape.from_config(config)
     run = RunShape.from_spec(spec, device=device)
+    if gpu_memory_gib is None:
+        gpu_memory_gib = spec.cluster.gpu_memory_gib
     reserve = RESERVE_BYTES[device] if reserve_gib is None else int(reserve_gib * GIB)
     result = plan_job(model, run, gpu_memory_bytes=int(gpu_memory_gib * GIB) if gpu_memory_gib else None,
                       device_flops=gpu_tflops * 1e12 if gpu_tflops else None, efficiency=efficiency,

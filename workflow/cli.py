@@ -79,7 +79,10 @@ def gpu_memory_option(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def check_fits(spec: JobSpec, gpu_memory_gib: float | None) -> None:
-    """The `plan` command's fit check, run through that command's module (it reads only config.json)."""
+    """The `plan` command's fit check, run through that command's module (it reads only config.json),
+    against `--gpu-memory-gib` or else the spec's `cluster.gpu_memory_gib`; nothing when neither is known."""
+    if gpu_memory_gib is None:
+        gpu_memory_gib = spec.cluster.gpu_memory_gib
     if gpu_memory_gib is not None:
         importlib.import_module("pipelora.trainer.plan_cli").check_fits(spec, gpu_memory_gib)
 

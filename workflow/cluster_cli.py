@@ -64,10 +64,9 @@ def submit(spec: JobSpec, target: KubeTarget, dry_run: bool, wait_done: bool, gp
       pipelora-k8s submit --config job.yaml --dry-run > release.yaml
     """
     target = KubeTarget(context=target.context, namespace=target.namespace or spec.cluster.namespace)
-    if gpu_memory_gib is not None:  # before anything is installed: the stages must fit the GPUs
-        from pipelora.workflow.cli import check_fits
+    from pipelora.workflow.cli import check_fits
 
-        check_fits(spec, gpu_memory_gib)
+    check_fits(spec, gpu_memory_gib)  # before anything is installed: the stages must fit the GPUs
     values, text = _render(spec, target.namespace)
     if dry_run:
         click.echo(text, nl=False)

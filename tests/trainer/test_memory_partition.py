@@ -88,3 +88,14 @@ def test_the_trainer_partition_with_the_spec_shows_cost_and_memory(monkeypatch) 
     table = bound.table()
     assert table.startswith("stage  items") and "pred. peak GiB" in table and "est. GFLOP/token" in table
     assert "every stage's predicted peak fits" in table
+
+
+def test_the_spec_gpu_memory_binds_the_cut_on_gpus_only(monkeypatch) -> None:
+    """`cluster.gpu_memory_gib` is the cluster's card: the trainer's cut fits it on a GPU, a local CPU run
+    is not held to it, and `PIPELORA_GPU_MEMORY_GIB` still overrides it."""
+    monkeypatch.delenv("PIPELORA_GPU_MEMORY_GIB", raising=False)
+    assert device_budget("cpu", 24.0) is None
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda _: pytest.fail("the spec's value comes first"))
+    assert device_budget("cuda", 24.0) == 24 * GIB
+    monkeypatch.setenv("PIPELORA_GPU_MEMORY_GIB", "40")
+    assert device_budget("cuda", 24.0) == 40 * GIB

@@ -48,3 +48,17 @@ def test_submit_refuses_before_rendering_anything(mistral_7b_job: Path) -> None:
     done = run("submit", "--config", str(mistral_7b_job), "--dry-run", "--gpu-memory-gib", "24")
     assert done.returncode == 2 and "stage 4 needs" in done.stderr
     assert done.stdout == ""  # no manifests
+
+
+def test_the_spec_can_name_the_clusters_gpu_memory_once(mistral_7b_job: Path) -> None:
+    """`cluster.gpu_memory_gib` in job.yaml: validate, submit and plan check against it without a flag,
+    and the flag (or PIPELORA_GPU_MEMORY_GIB) still wins."""
+    on_24 = ("--set", "cluster.gpu_memory_gib=24")
+    refused = run("validate", "--config", str(mistral_7b_job), *on_24)
+    assert refused.returncode == 2 and "stage 4 needs 24.1 GiB of 24 GiB" in refused.stderr
+    submitted = run("submit", "--config", str(mistral_7b_job), "--dry-run", *on_24)
+    assert submitted.returncode == 2 and "stage 4 needs" in submitted.stderr and submitted.stdout == ""
+    planned = run("plan", "--config", str(mistral_7b_job), *on_24)
+    assert planned.returncode == 3 and "24 GiB per GPU" in planned.stdout
+    assert run("validate", "--config", str(mistral_7b_job), *on_24, "--gpu-memory-gib", "80").returncode == 0
+    assert run("validate", "--config", str(mistral_7b_job), "--set", "cluster.gpu_memory_gib=0.5").returncode == 2
