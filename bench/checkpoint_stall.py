@@ -35,23 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import CLI, free_port, model_and_dataset, mpirun, run
 
-CLI = str(Path(sys.executable).parent / "pipelora-k8s")
 STALL = re.compile(r"^\[stage (\d+)/\d+ dp \d+/\d+\] checkpoint stall ([\d.]+)s at (\d+) checkpoint steps, "
                    r"([\d.]+)s between them, ([\d.]+)s finishing at exit, of ([\d.]+)s training$", re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def run(cmd: list[str], **kw: Any) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if done.returncode != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
 
 
 class Moto:
@@ -114,14 +101,11 @@ def train(workdir: Path, base: dict[str, Any], *, name: str, sync: bool, moto: M
 
         shutil.copytree(workdir / "runs" / "prepared" / "data", workdir / "runs" / name / "data")
     stages = spec["parallel"]["stages"]
-    mpirun = ["mpirun", "--oversubscribe", "-np", str(stages), "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT"]
-    if os.geteuid() == 0:
-        mpirun.insert(1, "--allow-run-as-root")
     env = {**(moto.env if moto else os.environ), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     env.pop("PIPELORA_SYNC_CHECKPOINTS", None)
     if sync:
         env["PIPELORA_SYNC_CHECKPOINTS"] = "1"
-    out = run([*mpirun, CLI, "train", "--config", str(config)], env=env)
+    out = run([*mpirun(stages), CLI, "train", "--config", str(config)], env=env)
     stalls = {int(s): (float(at), int(n), float(between), float(at_exit), float(training))
               for s, at, n, between, at_exit, training in STALL.findall(out)}
     if len(stalls) != stages:
@@ -161,12 +145,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pipelora-bench-ckpt-"))
-    model = workdir / f"model-{args.preset}"
-    if not (model / "config.json").exists():
-        run([CLI, "init-model", "--family", "mistral", "--preset", args.preset, "--out", str(model)])
-    dataset = workdir / "learnable.jsonl"
-    if not dataset.exists():
-        run([CLI, "make-dataset", "--out", str(dataset), "--examples", "2000"])
+    model, dataset = model_and_dataset(workdir, args.preset)
     moto = Moto() if args.storage == "s3" else None
     try:
         storage: dict[str, Any] = ({"uri": f"s3://{moto.bucket}/runs", "endpoint_url": moto.endpoint} if moto

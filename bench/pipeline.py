@@ -23,17 +23,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+from common import CLI, free_port, model_and_dataset, mpirun, run
 
-CLI = str(Path(sys.executable).parent / "pipelora-k8s")
 STEP = re.compile(r"^\[stage (\d+)/\d+ dp \d+/\d+\] step (\d+)/\d+ loss \S+ lr \S+ tok/s (\d+) mem ([\d.]+)GiB"
                   r" eta \S+(?: tok/s/dev (\d+) mfu ([\d.]+)%)?", re.M)
 RSS = re.compile(r"^bench-rss rank (\d+) kib (\d+)$", re.M)
@@ -53,19 +51,6 @@ READ = re.compile(r"^\[stage (\d+)/\d+ dp \d+/\d+\] rank \d+: .*read ([\d.]+) Mi
 WAIT = re.compile(r"^data wait ([\d.]+)s of ([\d.]+)s training", re.M)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run(cmd: list[str], **kw: Any) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if done.returncode != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return done.stdout
-
-
 def train(workdir: Path, base: dict[str, Any], *, stages: int, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     spec = json.loads(json.dumps(base))
     spec["name"] = f"bench-{stages}-stage"
@@ -77,13 +62,8 @@ def train(workdir: Path, base: dict[str, Any], *, stages: int, env_extra: dict[s
     shutil.rmtree(workdir / "runs" / spec["name"], ignore_errors=True)
     shutil.copytree(data, target)
     extra = dict(env_extra or {})
-    mpirun = ["mpirun", "--oversubscribe", "-np", str(stages), "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT"]
-    for name in extra:
-        mpirun += ["-x", name]
-    if os.geteuid() == 0:
-        mpirun.insert(1, "--allow-run-as-root")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **extra}
-    out = run([*mpirun, sys.executable, "-c", RANK, "train", "--config", str(config)], env=env)
+    out = run([*mpirun(stages, *extra), sys.executable, "-c", RANK, "train", "--config", str(config)], env=env)
     steps = [(int(s), int(k), int(t), float(m), float(f) if f else None) for s, k, t, m, _, f in STEP.findall(out)]
     warm = 2  # the first steps pay for allocation and buffer set-up
     rates = [t for s, k, t, _, _ in steps if s == 1 and k > warm]
@@ -159,12 +139,7 @@ def main() -> None:
                         help="also run the pairs with MALLOC_MMAP_THRESHOLD_=65536 (allocator retention)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pipelora-bench-"))
-    model = workdir / f"model-{args.preset}"
-    if not (model / "config.json").exists():
-        run([CLI, "init-model", "--family", "mistral", "--preset", args.preset, "--out", str(model)])
-    dataset = workdir / "learnable.jsonl"
-    if not dataset.exists():
-        run([CLI, "make-dataset", "--out", str(dataset), "--examples", "2000"])
+    model, dataset = model_and_dataset(workdir, args.preset)
     base = {
         "name": "prepared", "storage": {"uri": str(workdir / "runs")}, "model": {"uri": str(model)},
         "dataset": {"uri": str(dataset), "seq_len": args.seq_len, "eval_fraction": 0.0},

@@ -36,26 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import CLI, free_port, mpirun
 
-CLI = str(Path(sys.executable).parent / "pipelora-k8s")
 BUCKET = "soak"
 RUN_TIMEOUT_S = 900  # a hung run is a failed trial, not a stuck soak
 STEP = re.compile(r"^\[stage \d+/2 dp 0/1\] step (\d+)/\d+ ", re.M)
 RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
 _LAUNCHED: list[subprocess.Popen[str]] = []  # ended on the way out, should the soak be interrupted
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def mpirun(np_: int) -> list[str]:
-    cmd = ["mpirun", "--oversubscribe", "-np", str(np_), "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT"]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--allow-run-as-root")
-    return cmd
 
 
 def run(cmd: list[str], env: dict[str, str]) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sys
 import warnings
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
 from fake_hub import FakeHub  # noqa: E402
+from net import free_port  # noqa: E402
 
 from pipelora import hub as hubmod  # noqa: E402
 from pipelora.config import ConfigError, SpecWarning, check_against_model, spec_from_dict  # noqa: E402
@@ -84,12 +84,6 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     yield fake
     fake.stop()
     assert fake.unknown == [], f"the fake hub was asked for paths it does not implement: {fake.unknown}"
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def mirror(root: Path | str, uri: str, tmp_path: Path) -> hubmod.ModelMirror:
@@ -273,7 +267,7 @@ def test_a_repository_without_safetensors_is_refused_before_any_download(hub: Fa
 ])
 def test_each_hub_failure_is_one_sentence_and_leaves_no_mirror(
         hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, uri: str, says: str) -> None:
-    port = closed_port()
+    port = free_port()
     if case == "bad-token":
         monkeypatch.setenv("HF_TOKEN", "hf_revoked")
     elif case == "gated":
@@ -332,7 +326,7 @@ def test_the_trainer_side_finds_the_mirror_through_the_manifest_only(
     done = mirror(root, "hf://acme/tiny", tmp_path)
     storage = open_storage(str(root))
     storage.commit(spec.layout.manifest, [], {"model": done.as_manifest("hf://acme/tiny")})
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # no Hub from here on
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # no Hub from here on
     hub.reset_counts()
     assert model_storage_uri(spec) == done.uri
     other = spec_from_dict(spec_tree("hf://acme/tiny@v2", storage=str(root)))
@@ -358,7 +352,7 @@ def test_validate_reads_the_config_through_the_hub_before_dataprep(hub: FakeHub,
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         check_against_model(spec_from_dict(spec_tree("hf://acme/gpt", storage=str(tmp_path / "store"))))
 
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.warns(SpecWarning, match="could not check the model .*cannot reach the Hugging Face Hub"):
         assert check_against_model(spec) is False
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from net import free_port
 
 from pipelora import families
 from pipelora.config import ConfigError, SpecWarning, check_against_model, spec_from_dict
@@ -86,9 +86,7 @@ def test_a_model_not_there_yet_is_unchecked_not_an_error(tmp_path: Path) -> None
 
 
 def test_unreachable_storage_is_unchecked_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("PIPELORA_S3_MAX_ATTEMPTS", "1")
     spec = spec_for("s3://models/tiny-mistral", endpoint_url=f"http://127.0.0.1:{port}")
     with pytest.warns(SpecWarning, match=r"^could not check the model \(cannot .*unreachable"):

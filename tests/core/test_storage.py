@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from net import free_port
 
 from pipelora.storage import ObjectInfo, Storage, StorageError, join_uri, open_storage
 
@@ -165,7 +165,7 @@ def test_missing_bucket_is_one_sentence(s3_endpoint: str) -> None:
 def test_unreachable_endpoint_is_one_sentence() -> None:
     from pipelora.storage import S3Storage
 
-    port = _closed_port()
+    port = free_port()
     s = S3Storage(endpoint_url=f"http://127.0.0.1:{port}")
     with pytest.raises(StorageError) as info:
         s.read_bytes("s3://bucket/key")
@@ -198,23 +198,13 @@ def test_access_denied_names_the_uri(s3_endpoint: str, s3_bucket: str, monkeypat
     assert "access denied" in str(info.value) and f"s3://{s3_bucket}/secret" in str(info.value)
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def second_s3_endpoint(wait_for_port) -> Iterator[str]:
     """Another moto server: an endpoint with buckets of its own."""
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -365,7 +355,7 @@ def test_an_unreachable_endpoint_is_tried_the_configured_attempts(monkeypatch: p
     """botocore's own retry count, observed through its event hooks: one request per attempt."""
     from pipelora.storage import RetryPolicy, S3Storage
 
-    s = S3Storage(endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+    s = S3Storage(endpoint_url=f"http://127.0.0.1:{free_port()}",
                   policy=RetryPolicy(attempts=3, connect_timeout=1.0, read_timeout=1.0))
     sent: list[str] = []
     s.client.meta.events.register("before-send.s3.*", lambda request, **_: sent.append(request.method))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
 from fake_hub import FakeHub  # noqa: E402
+from net import free_port  # noqa: E402
 
 from pipelora.layout import HUB_MARKER, hub_model_uri  # noqa: E402
 
@@ -103,12 +103,6 @@ def dataprep(job: Path, env: dict[str, str], *args: str) -> subprocess.Completed
                           text=True, timeout=600, env=env)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_dataprep_mirrors_the_model_once_pins_both_commits_and_the_trainer_reads_storage(
         hub: FakeHub, tmp_path: Path, source_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
@@ -143,7 +137,7 @@ def test_dataprep_mirrors_the_model_once_pins_both_commits_and_the_trainer_reads
     from pipelora.trainer.plan import plan
     from pipelora.trainer.ranks import RankInfo
 
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     hub.reset_counts()
     planned = plan(load_spec(job), RankInfo(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
                                            master_port=29500))
@@ -242,7 +236,7 @@ def test_hub_failures_end_dataprep_with_one_sentence_and_nothing_committed(
                      gated=True)
         model = "hf://acme/gated-model"
     elif case == "no-network":
-        extra = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
+        extra = {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     proc = dataprep(write_job(tmp_path, model=model, dataset=dataset, storage=store), hub_env(hub, tmp_path, **extra))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

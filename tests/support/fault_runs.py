@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 from mpi import mpirun_prefix
+from net import free_port
+from specs import with_overrides
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "pipelora-k8s")
@@ -28,15 +30,6 @@ READ_TIMEOUT_S = 2.0
 DELAY_S = 3.0
 FAULT_ENV = {"PIPELORA_S3_MAX_ATTEMPTS": "5", "PIPELORA_S3_READ_TIMEOUT": str(READ_TIMEOUT_S),
              "PIPELORA_S3_CONNECT_TIMEOUT": "5"}
-
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -74,13 +67,7 @@ class FaultWorld:
                          "checkpoint_every_steps": 2, "keep_checkpoints": 2, "eval_every_steps": 3,
                          "eval_batches": 2, "activation_checkpointing": False, "dtype": "fp32"},
         }
-        for dotted, value in overrides.items():
-            node = spec
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node[key]
-            node[leaf] = value
-        return spec
+        return with_overrides(spec, overrides)
 
     def write_spec(self, spec: dict[str, Any]) -> Path:
         path = self.tmp / f"{spec['name']}.yaml"

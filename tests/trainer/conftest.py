@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +16,12 @@ from typing import Any
 import pytest
 import yaml
 from mpi import mpirun_prefix
+from net import free_port
+from specs import with_overrides
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "pipelora-k8s")
 HANG_GUARD_S = 600  # a hung collective fails the test instead of the suite; not a performance bound
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 
 @dataclass
@@ -52,13 +47,7 @@ class S3World:
                          "eval_batches": 2, "activation_checkpointing": False, "dtype": "fp32",
                          "max_grad_norm": 0.05},  # small: clipping acts on every step
         }
-        for dotted, value in overrides.items():
-            node = spec
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                node = node[key]
-            node[leaf] = value
-        return spec
+        return with_overrides(spec, overrides)
 
     def write_spec(self, spec: dict[str, Any], *, copy_data: bool = True) -> Path:
         path = self.tmp / f"{spec['name']}.yaml"
@@ -87,7 +76,7 @@ class S3World:
         return sorted(o["Key"] for o in self.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", []))
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()),
+        return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
                 "PIPELORA_CACHE": str(self.tmp / "cache"), "PYTHONUNBUFFERED": "1", **extra}
 
     def train_cmd(self, np_: int, config: Path) -> list[str]:
@@ -102,6 +91,16 @@ def _upload_folder(client: Any, bucket: str, folder: Path, prefix: str) -> None:
     for path in sorted(folder.iterdir()):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> Iterator[None]:
+    """A real gloo process group of one rank, so the collectives of the save path run as they are."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import http.client
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,22 +30,6 @@ from pipelora.trainer.checkpointing import CheckpointUploads
 from pipelora.trainer.optim import ClippedAdamW
 
 HANG_GUARD_S = 120  # a wait that never ends fails the test instead of hanging it; not a performance bound
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[None]:
-    """A real gloo process group of one rank, so the collectives of the save path run as they are."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 class HeldStorage(LocalStorage):

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +45,7 @@ def rank_pids(mpirun_pid: int) -> dict[int, psutil.Process]:
     return {int(c.environ()["OMPI_COMM_WORLD_RANK"]): c for c in psutil.Process(mpirun_pid).children()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # -- the commit path, in one process ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_rank() -> Iterator[None]:
-    """A real gloo process group of one rank, so the save path's collectives run as they are."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_a_stale_writers_commit_is_refused_and_leaves_no_marker(one_rank, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from net import free_port
+from rank_lines import memory_lines
 from safetensors.torch import load_file
 
 from pipelora.storage import open_storage
@@ -81,11 +83,9 @@ def test_two_stage_run_logs_checkpoints_and_progress(one_and_two_stages, s3_worl
         assert len(losses) == 1  # both stages report the same loss
     assert "norm+head" in stdout and "stage  items" in stdout  # the partition table
     assert len(re.findall(r"rank \d: .*; attention dense; base mem", stdout)) == 2  # CPU keeps the dense masks
-    memory = {int(s): (float(peak), float(grew), float(pred), int(k)) for s, peak, grew, pred, k in re.findall(
-        r"^\[stage (\d)/2 dp 0/1\] memory: peak ([\d.]+)GiB, ([\d.]+)GiB above the built stage; plan predicted "
-        r"([\d.]+)GiB for its activations \((\d) micro-batch", stdout, re.M)}
-    assert sorted(memory) == [1, 2] and memory[1][3] == 2 and memory[2][3] == 1  # 1F1B: stage 1 holds 2
-    assert all(peak > grew > 0 and pred > 0 for peak, grew, pred, _ in memory.values()), memory
+    memory = memory_lines(stdout)
+    assert sorted(memory) == [1, 2] and memory[1].in_flight == 2 and memory[2].in_flight == 1  # 1F1B
+    assert all(m.peak_gib > m.grew_gib > 0 and m.predicted_gib > 0 for m in memory.values()), memory
     progress = one_and_two_stages["two-stage"]["progress"]
     assert progress["state"] == "finished" and progress["step"] == progress["max_steps"] == 6
     assert [s for s, _ in progress["eval_losses"]] == [3, 6]
@@ -257,12 +257,12 @@ def one_layer_model(s3_world) -> str:
     return f"s3://{s3_world.bucket}/models/one-layer"
 
 
-def _bad_cases(world, one_layer: str, free_port: int) -> dict[str, tuple[dict[str, Any], int, str]]:
+def _bad_cases(world, one_layer: str, port: int) -> dict[str, tuple[dict[str, Any], int, str]]:
     return {
         "missing-model": ({"model.uri": f"s3://{world.bucket}/models/absent"}, 2, "cannot read the model config"),
         "world-size": ({"parallel.gpus_per_node": 4}, 2, "started 2 ranks but the spec asks for"),
         "too-many-stages": ({"model.uri": one_layer}, 2, "has 1 decoder layer"),
-        "unreachable-storage": ({"storage.endpoint_url": f"http://127.0.0.1:{free_port}"}, 2, "unreachable"),
+        "unreachable-storage": ({"storage.endpoint_url": f"http://127.0.0.1:{port}"}, 2, "unreachable"),
     }
 
 
@@ -273,11 +273,7 @@ _BAD_CASE_ENV = {"unreachable-storage": {"PIPELORA_S3_MAX_ATTEMPTS": "1"}}
 
 @pytest.mark.parametrize("case", ["missing-model", "world-size", "too-many-stages", "unreachable-storage"])
 def test_bad_input_is_one_clear_error_on_every_rank(case: str, s3_world, one_layer_model: str) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     overrides, ranks, message = _bad_cases(s3_world, one_layer_model, port)[case]
     name = f"bad-{case}"
     config = s3_world.write_spec(s3_world.spec(name, **overrides), copy_data=case != "unreachable-storage")

@@ -7,8 +7,8 @@ flight under 1F1B, pipeline buffers, the largest backward's working memory, LoRA
 AdamW's moments). They agree within 25% on every stage.
 
 glibc keeps freed blocks below its mmap threshold in the heap, so without help a rank's RSS
-high-water mark also counts activation blocks freed and then reallocated at other sizes (twice
-the prediction on stage 1). `MALLOC_MMAP_THRESHOLD_=65536` returns blocks of 64 KiB and more at
+high-water mark also counts activation blocks freed and then reallocated at other sizes.
+`MALLOC_MMAP_THRESHOLD_=65536` returns blocks of 64 KiB and more at
 once, so the RSS is what the tensors hold, as `max_memory_allocated` is on a GPU (which leaves
 out its caching allocator's reserve the same way).
 """
@@ -16,9 +16,7 @@ out its caching allocator's reserve the same way).
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,18 +25,12 @@ from typing import Any
 import pytest
 import yaml
 from mpi import mpirun_prefix
+from net import free_port
+from rank_lines import memory_lines
 
 CLI = str(Path(sys.executable).parent / "pipelora-k8s")
 HANG_GUARD_S = 600  # a hung collective fails the test instead of the suite; not a performance bound
 
-MEMORY = re.compile(r"^\[stage (\d+)/(\d+) dp 0/1\] memory: peak ([\d.]+)GiB, ([\d.]+)GiB above the built stage; "
-                    r"plan predicted ([\d.]+)GiB for its activations \((\d+) micro-batch", re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +63,14 @@ def test_each_stage_grows_by_what_the_plan_predicts_within_25_percent(small_job,
     config = root / f"{spec['name']}.yaml"
     config.write_text(yaml.safe_dump(spec))
     shutil.copytree(root / "runs" / "prepared" / "data", root / "runs" / spec["name"] / "data")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([*mpirun_prefix(stages), "-x", "OMP_NUM_THREADS", "-x", "MASTER_PORT", "-x",
                            "MALLOC_MMAP_THRESHOLD_", CLI, "train", "--config", str(config)],
                           env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {int(s): (int(p), float(grew), float(predicted), int(k))
-            for s, p, _, grew, predicted, k in MEMORY.findall(done.stdout)}
+    rows = memory_lines(done.stdout)
     assert sorted(rows) == list(range(1, stages + 1)), done.stdout[-3000:]
-    for stage, (total, grew, predicted, in_flight) in rows.items():
-        assert total == stages and in_flight == stages - stage + 1  # 1F1B: stage s holds p - s + 1
-        assert abs(predicted - grew) <= 0.25 * grew, (stage, grew, predicted)
+    for stage, row in sorted(rows.items()):
+        print(f"{stages} stages, stage {stage}: grew {row.grew_gib:.3f} GiB, predicted {row.predicted_gib:.3f} GiB")
+        assert row.stages == stages and row.in_flight == stages - stage + 1  # 1F1B: stage s holds p - s + 1
+        assert abs(row.predicted_gib - row.grew_gib) <= 0.25 * row.grew_gib, (stage, row)

@@ -14,13 +14,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 HOME = "/home/mpiuser"
@@ -28,12 +28,6 @@ SSHD_CONFIG = REPO / "image" / "sshd_config"
 CLIENT_CONFIG = REPO / "image" / "ssh_config"
 # The unprivileged user sshd runs as where the tests run as root.
 SSHD_USER = "pipelora-ci"  # the same user the worker entrypoint tests use
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sshd_binary() -> str:

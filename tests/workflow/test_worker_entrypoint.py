@@ -13,7 +13,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from net import free_port
 
 from pipelora.launch import RELAY_DIR_ENV, RUNTIME_DIR_ENV, pod_env_file, rank_relay_dir, ready_file
 from pipelora.workflow.worker import LineRelay, generate_host_keys
@@ -32,12 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE_SSHD_CONFIG = REPO / "image" / "sshd_config"
 IMAGE_HOME = "/home/mpiuser"
 TEST_USER = "pipelora-ci"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_sshd() -> str:

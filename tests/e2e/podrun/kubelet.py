@@ -327,26 +327,18 @@ def write_files(folder: Path, files: list[tuple[str, bytes, int | None]], *, def
 def volume_files(volume: dict[str, Any], pod: dict[str, Any], *, namespace: str,
                  objects: ObjectSource) -> tuple[list[tuple[str, bytes, int | None]], int] | None:
     """The files of a ConfigMap, Secret or projected volume and its default mode; None for other kinds."""
-    if "configMap" in volume:
-        src = volume["configMap"]
-        data = objects.config_map_data(src["name"])
-        if data is None:
-            if src.get("optional"):
-                return [], src.get("defaultMode", 0o644)
-            raise PodConfigError("FailedMount", f'configmap "{src["name"]}" not found')
-        what = f"configmap {src['name']}"
-        return _items(data, src.get("items"), what=what, optional=bool(src.get("optional"))), \
-            src.get("defaultMode", 0o644)
-    if "secret" in volume:
-        src = volume["secret"]
-        data = objects.secret_data(src["secretName"])
-        if data is None:
-            if src.get("optional"):
-                return [], src.get("defaultMode", 0o644)
-            raise PodConfigError("FailedMount", f'secret "{src["secretName"]}" not found')
-        what = f"secret {src['secretName']}"
-        return _items(data, src.get("items"), what=what, optional=bool(src.get("optional"))), \
-            src.get("defaultMode", 0o644)
+    for kind, name_key, lookup in (("configMap", "name", objects.config_map_data),
+                                   ("secret", "secretName", objects.secret_data)):
+        if kind in volume:
+            src = volume[kind]
+            what = f"{kind.lower()} {src[name_key]}"
+            mode = src.get("defaultMode", 0o644)
+            data = lookup(src[name_key])
+            if data is None:
+                if src.get("optional"):
+                    return [], mode
+                raise PodConfigError("FailedMount", f'{kind.lower()} "{src[name_key]}" not found')
+            return _items(data, src.get("items"), what=what, optional=bool(src.get("optional"))), mode
     if "projected" in volume:
         src = volume["projected"]
         files: list[tuple[str, bytes, int | None]] = []

@@ -142,17 +142,23 @@ def _setup_ssh(pod_spec: dict[str, Any], mpijob: dict[str, Any]) -> None:
     pod_spec["containers"][0].setdefault("volumeMounts", []).append({"name": SSH_VOLUME, "mountPath": mount_path})
 
 
-def worker_pod(mpijob: dict[str, Any], index: int, namespace: str) -> dict[str, Any]:
-    """newWorker."""
-    spec = _spec(mpijob)
+def _replica_template(mpijob: dict[str, Any], role: str) -> tuple[str, dict[str, Any], dict[str, Any],
+                                                                 dict[str, str], dict[str, Any]]:
+    """The job's name, the replica spec of `role` (Worker or Launcher), a copy of its template's
+    metadata, its labels with the operator's defaults, and the copied pod spec."""
     name = name_of(mpijob)
-    replica = spec["mpiReplicaSpecs"]["Worker"]
+    replica = _spec(mpijob)["mpiReplicaSpecs"][role]
     template = copy.deepcopy(replica["template"])
     metadata = template.get("metadata") or {}
     labels = dict(metadata.get("labels") or {})
-    labels.update(_default_labels(name, "worker"))
+    labels.update(_default_labels(name, role.lower()))
+    return name, replica, metadata, labels, template["spec"]
+
+
+def worker_pod(mpijob: dict[str, Any], index: int, namespace: str) -> dict[str, Any]:
+    """newWorker."""
+    name, replica, metadata, labels, pod_spec = _replica_template(mpijob, "Worker")
     labels[REPLICA_INDEX_LABEL] = str(index)
-    pod_spec = template["spec"]
     pod_spec["hostname"] = worker_name(mpijob, index)
     pod_spec["subdomain"] = name
     search = f"{name}.{namespace}.svc.cluster.local"
@@ -175,14 +181,7 @@ def worker_pod(mpijob: dict[str, Any], index: int, namespace: str) -> dict[str, 
 
 def launcher_pod_template(mpijob: dict[str, Any], namespace: str) -> dict[str, Any]:
     """newLauncherPodTemplate (OpenMPI, the launcher not a worker)."""
-    spec = _spec(mpijob)
-    name = name_of(mpijob)
-    replica = spec["mpiReplicaSpecs"]["Launcher"]
-    template = copy.deepcopy(replica["template"])
-    metadata = template.get("metadata") or {}
-    labels = dict(metadata.get("labels") or {})
-    labels.update(_default_labels(name, "launcher"))
-    pod_spec = template["spec"]
+    name, replica, metadata, labels, pod_spec = _replica_template(mpijob, "Launcher")
     pod_spec["hostname"] = name + "-launcher"
     pod_spec["subdomain"] = name
     container = pod_spec["containers"][0]
